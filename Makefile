@@ -1,0 +1,32 @@
+# Two entry points, both safe on a fresh machine:
+#   make quickstart   install into .venv, then run the quickstart study
+#   make test         install into .venv, then lint, type-check and test
+# TORCH picks the PyTorch build; the default is the CPU build of 2.13.0.
+# On a GPU machine: make quickstart TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+QUICKSTART ?= studies/digits.toml
+
+.PHONY: install quickstart test lint
+
+$(BIN)/sweeper: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev,demo]'
+	touch $@
+
+install: $(BIN)/sweeper
+
+quickstart: install
+	$(BIN)/sweeper start $(QUICKSTART)
+
+lint: install
+	$(BIN)/ruff check sweeper tests bench studies
+	$(BIN)/ruff format --check sweeper tests bench studies
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest

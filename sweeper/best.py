@@ -1,0 +1,140 @@
+"""The best configuration of a study: summary, ``best.toml``, and the study's state."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import optuna
+import tomlkit
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper import __version__
+from sweeper.config import StudyConfig
+from sweeper.study import counts, trial_seed
+
+PACKAGES = ("optuna", "torch", "lightning", "torchmetrics", "transformers")
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best COMPLETE trial, or None when no trial has completed."""
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
+    """What ``sweeper best`` shows: the best trial, its metrics, counts, how to reproduce."""
+    best = best_trial(study)
+    result: dict[str, Any] = {
+        "study": config.study.name,
+        "direction": config.study.direction,
+        "metric": config.study.metric,
+        "counts": counts(study),
+        "n_trials": config.study.n_trials,
+        "best": None,
+    }
+    if best is None:
+        return result
+    step = best.user_attrs.get("best_step")
+    history = best.user_attrs.get("history", [])
+    at_best = next((r for r in history if r.get("step") == step), history[-1] if history else {})
+    result["best"] = {
+        "trial": best.number,
+        "value": best.value,
+        "params": best.params,
+        "fixed": {k: v for k, v in config.search.items() if not isinstance(v, dict)},
+        "step": step,
+        "epoch": best.user_attrs.get("best_epoch"),
+        "metrics": {k: v for k, v in at_best.items() if k not in {"step", "epoch"}},
+        "duration_s": _seconds(best),
+        "reproduce": {
+            "study_file": str(config.path),
+            "study_seed": config.study.seed,
+            "trial_number": best.number,
+            "trial_seed": trial_seed(config.study.seed, best.number),
+            "versions": versions(),
+        },
+    }
+    return result
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, sweeper and the packages a trial depends on."""
+    found = {"python": platform.python_version(), "sweeper": __version__}
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def write_best_toml(config: StudyConfig, data: dict[str, Any]) -> Path | None:
+    """Write ``<folder>/<name>/best.toml`` atomically; None when nothing completed."""
+    best = data["best"]
+    if best is None:
+        return None
+    doc = tomlkit.document()
+    doc.add(tomlkit.comment(f"Best configuration of study {config.study.name!r}, by sweeper."))
+    doc.add(tomlkit.comment("[params] holds what to put back into [search] to train it again."))
+    head = tomlkit.table()
+    head.add("metric", config.study.metric)
+    head.add("value", best["value"])
+    head.add("trial", best["trial"])
+    for key in ("step", "epoch", "duration_s"):
+        if best[key] is not None:
+            head.add(key, best[key])
+    doc.add("best", head)
+    doc.add("params", _table({**best["fixed"], **best["params"]}))
+    doc.add("metrics", _table(best["metrics"]))
+    reproduce = dict(best["reproduce"])
+    version_table = _table(reproduce.pop("versions"))
+    reproduce_table = _table(reproduce)
+    reproduce_table.add("versions", version_table)
+    doc.add("reproduce", reproduce_table)
+    path = config.output_dir / "best.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".toml.partial")
+    partial.write_text(tomlkit.dumps(doc), encoding="utf-8")
+    os.replace(partial, path)
+    return path
+
+
+def _table(values: dict[str, Any]) -> Any:
+    table = tomlkit.table()
+    for key, value in values.items():
+        if value is not None:
+            table.add(key, value)
+    return table
+
+
+def _seconds(trial: FrozenTrial) -> float | None:
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    return round((trial.datetime_complete - trial.datetime_start).total_seconds(), 3)
+
+
+def running(study: optuna.Study) -> list[dict[str, Any]]:
+    """The trials under way: number, device, host, elapsed seconds, last validation."""
+    now = dt.datetime.now()
+    rows = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        history = trial.user_attrs.get("history", [])
+        started = trial.datetime_start
+        rows.append(
+            {
+                "trial": trial.number,
+                "device": trial.user_attrs.get("device"),
+                "host": trial.user_attrs.get("host"),
+                "elapsed_s": round((now - started).total_seconds(), 1) if started else None,
+                "last": history[-1] if history else None,
+                "params": trial.params,
+            }
+        )
+    return rows

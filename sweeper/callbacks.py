@@ -1,0 +1,87 @@
+"""Lightning callbacks of a trial: record metrics, report to Optuna, prune."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import optuna
+
+from sweeper.errors import TaskError
+
+
+class TrialStopped(Exception):
+    """Raised inside training to end a trial early; ``reason`` is its stop reason."""
+
+    def __init__(self, reason: str, step: int, pruned: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.step = step
+        self.pruned = pruned
+
+
+class TrialRecorder(pl.Callback):
+    """Records every validation on the trial and lets the study's pruner decide.
+
+    At each validation: the study metric is reported as an intermediate value
+    at the global step; every ``val_*`` metric and the mean training loss since
+    the previous validation are appended to ``user_attrs["history"]``; the best
+    value so far and its step are kept for the objective.
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str, direction: str, pruner: str) -> None:
+        self.trial = trial
+        self.metric = metric
+        self.maximize = direction == "maximize"
+        self.pruner = pruner
+        self.history: list[dict[str, float | int]] = []
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.best_epoch: int | None = None
+        self._losses: list[float] = []
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None and hasattr(loss, "detach"):
+            self._losses.append(float(loss.detach()))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        step, epoch = trainer.global_step, trainer.current_epoch
+        metrics = {
+            name: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if getattr(value, "numel", lambda: 1)() == 1
+        }
+        if self.metric not in metrics:
+            logged = ", ".join(sorted(metrics)) or "nothing"
+            raise TaskError(
+                f"the study metric {self.metric!r} was not logged during validation "
+                f"(logged: {logged}); log it with self.log({self.metric!r}, ...)"
+            )
+        value = metrics[self.metric]
+        record: dict[str, float | int] = {"step": step, "epoch": epoch}
+        record.update({k: v for k, v in metrics.items() if k.startswith("val")})
+        if self._losses:
+            record["train_loss"] = sum(self._losses) / len(self._losses)
+        elif "train_loss" in metrics:
+            record["train_loss"] = metrics["train_loss"]
+        self._losses.clear()
+        self.history.append(record)
+        self.trial.set_user_attr("history", self.history)
+        if not math.isfinite(value):
+            raise ValueError(f"the study metric {self.metric} is {value} at step {step}")
+        if self.best is None or (value > self.best if self.maximize else value < self.best):
+            self.best, self.best_step, self.best_epoch = value, step, epoch
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            raise TrialStopped(f"pruned by {self.pruner} at step {step}", step, pruned=True)

@@ -1,0 +1,169 @@
+"""The command line: parse, call one function, map errors to exit codes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from sweeper.config import load_config
+from sweeper.errors import SweeperError
+
+app = typer.Typer(
+    help="Hyperparameter sweeps for fine-tuning: one TOML file, every device busy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+StudyFile = Annotated[Path, typer.Argument(help="The study file (study.toml).")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles_errors(command: F) -> F:
+    """Turn a SweeperError into one line on stderr and its exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import logging
+
+        logging.getLogger("optuna").setLevel(logging.WARNING)
+        try:
+            return command(*args, **kwargs)
+        except SweeperError as exc:
+            if kwargs.get("debug"):
+                raise
+            err.print(f"error: {exc}", markup=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted", markup=False)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _say(line: str) -> None:
+    out.print(line, markup=False)
+
+
+@app.command()
+@handles_errors
+def start(
+    study_file: StudyFile,
+    n_trials: Annotated[
+        int | None, typer.Option("--n-trials", help="Override [study] n_trials.")
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Run the study until n_trials trials are finished, then show the best."""
+    from sweeper.start import start as run
+
+    config = load_config(study_file, n_trials=n_trials)
+    outcome = run(config, _say, n_trials=n_trials)
+    _print_best(outcome.summary)
+    if outcome.best_file is not None:
+        _say(f"best configuration written to {outcome.best_file}")
+
+
+@app.command()
+@handles_errors
+def check(study_file: StudyFile, debug: Debug = False) -> None:
+    """Validate the study file and its task without running anything."""
+    from sweeper.start import validate
+
+    config = load_config(study_file)
+    slots = validate(config)
+    devices = ", ".join(sorted({slot.device for slot in slots}))
+    _say(f"{config.path}: ok; {len(slots)} slot(s) on {devices}")
+
+
+@app.command()
+@handles_errors
+def best(
+    study_file: StudyFile,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Show the best trial: value, params, metrics, counts."""
+    from sweeper.best import summary
+    from sweeper.study import load
+
+    config = load_config(study_file)
+    data = summary(config, load(config))
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    else:
+        _print_best(data)
+    if data["best"] is None:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handles_errors
+def status(study_file: StudyFile, debug: Debug = False) -> None:
+    """Show counts, running trials and the best so far, also of a sweep running elsewhere."""
+    from sweeper.best import running, summary
+    from sweeper.study import load
+
+    config = load_config(study_file)
+    study = load(config)
+    data = summary(config, study)
+    _say(_counts_line(data))
+    for row in running(study):
+        last = row["last"]
+        where = (
+            f"step {last['step']}, {config.study.metric}={last.get(config.study.metric)}"
+            if last
+            else "starting"
+        )
+        _say(
+            f"  running: trial {row['trial']} on {row['device']} at {row['host']}, "
+            f"{row['elapsed_s']} s, {where}"
+        )
+    best_row = data["best"]
+    if best_row is not None:
+        _say(f"best so far: trial {best_row['trial']}, {data['metric']}={best_row['value']:.4f}")
+
+
+def _counts_line(data: dict[str, Any]) -> str:
+    c = data["counts"]
+    finished = c["complete"] + c["pruned"]
+    return (
+        f"study {data['study']!r}: {finished}/{data['n_trials']} finished "
+        f"({c['complete']} complete, {c['pruned']} pruned), {c['fail']} failed, "
+        f"{c['running']} running, {c['waiting']} waiting"
+    )
+
+
+def _print_best(data: dict[str, Any]) -> None:
+    _say(_counts_line(data))
+    best_row = data["best"]
+    if best_row is None:
+        _say("no trial has completed yet")
+        return
+    _say(
+        f"best: trial {best_row['trial']}, {data['metric']}={best_row['value']:.4f} "
+        f"at step {best_row['step']} (epoch {best_row['epoch']})"
+    )
+    for name, value in {**best_row["fixed"], **best_row["params"]}.items():
+        _say(f"  {name} = {value!r}")
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in best_row["metrics"].items())
+    if metrics:
+        _say(f"  metrics: {metrics}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

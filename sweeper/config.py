@@ -1,0 +1,177 @@
+"""``study.toml`` to a typed, frozen config; the only module that reads TOML."""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+
+from sweeper.errors import ConfigError
+
+SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "grid")
+PRUNERS = ("median", "percentile", "hyperband", "asha", "threshold", "none")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudySection(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
+    direction: Literal["maximize", "minimize"]
+    metric: str = Field(min_length=1)
+    n_trials: PositiveInt
+    seed: int = 0
+    storage: str | None = None
+
+
+class TaskSection(BaseModel):
+    """``name`` picks the task; every other key is an option of that task."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(min_length=1)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class PluginSection(BaseModel):
+    """A sampler or pruner: ``name`` plus constructor options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ResourcesSection(_Section):
+    devices: Literal["auto", "cpu"] | list[int] = "auto"
+    trials_per_device: PositiveInt = 1
+    cpu_workers: PositiveInt = 1
+    trial_timeout: PositiveFloat | None = None
+
+
+class StudyConfig(_Section):
+    """A validated study file. ``path`` is the file it came from."""
+
+    path: Path
+    study: StudySection
+    task: TaskSection
+    trainer: dict[str, Any] = Field(default_factory=dict)
+    search: dict[str, Any]
+    sampler: PluginSection = PluginSection(name="tpe")
+    pruner: PluginSection = PluginSection(name="median")
+    resources: ResourcesSection = ResourcesSection()
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    @property
+    def storage_url(self) -> str:
+        """The storage URL; a relative SQLite path is relative to the study file."""
+        url = self.study.storage
+        if url is None:
+            return f"sqlite:///{self.folder / self.study.name}.db"
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url[len(prefix) :].startswith("/"):
+            return f"{prefix}{(self.folder / url[len(prefix) :]).resolve()}"
+        return url
+
+    @property
+    def output_dir(self) -> Path:
+        """Where the study's files (best.toml, report.html) go."""
+        return self.folder / self.study.name
+
+
+def load_config(path: str | Path, *, n_trials: int | None = None) -> StudyConfig:
+    """Read and validate a study file; ``n_trials`` overrides ``[study] n_trials``."""
+    path = Path(path).resolve()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such study file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a study file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    if n_trials is not None:
+        if n_trials < 1:
+            raise ConfigError(f"--n-trials must be at least 1, got {n_trials}")
+        raw.setdefault("study", {})["n_trials"] = n_trials
+    return parse_config(raw, path)
+
+
+def parse_config(raw: Mapping[str, Any], path: Path) -> StudyConfig:
+    """Validate an already-parsed study file, including its search space and plugins."""
+    from sweeper.space import parse_space  # space imports optuna; keep it local
+
+    if "path" in raw:
+        raise ConfigError(_unknown(path, "path", StudyConfig, exclude={"path"}))
+    try:
+        config = StudyConfig.model_validate({**raw, "path": path})
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, exc)) from None
+    parse_space(config.search, path)
+    _check_plugin(path, "sampler", config.sampler.name, SAMPLERS)
+    _check_plugin(path, "pruner", config.pruner.name, PRUNERS)
+    if config.sampler.name == "grid":
+        from sweeper.space import grid_space
+
+        grid_space(config.search, path)
+    return config
+
+
+def _check_plugin(path: Path, section: str, name: str, known: Sequence[str]) -> None:
+    if name not in known:
+        raise ConfigError(
+            f"{path}: {section}.name: unknown {section} {name!r}{_did_you_mean(name, known)}; "
+            f"choose one of {', '.join(known)}"
+        )
+
+
+def _describe(path: Path, exc: ValidationError) -> str:
+    """One line for the first problem pydantic found, naming the key path."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        return _unknown(path, key, model)
+    if error["type"] == "missing":
+        return f"{path}: {key}: required key is missing"
+    # Unions report one error per branch; the first branch's message is enough.
+    if loc and loc[-1] in {"literal['auto','cpu']", "list[int]"}:
+        key = ".".join(loc[:-1])
+    if loc and loc[0] == "resources" and len(loc) >= 2 and loc[1] == "devices":
+        return f'{path}: resources.devices: must be "auto", "cpu" or a list of GPU indices'
+    value = error.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+    return f"{path}: {key}: {error['msg']}{shown}"
+
+
+def _model_at(loc: list[str]) -> type[BaseModel]:
+    model: type[BaseModel] = StudyConfig
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return model
+
+
+def _unknown(path: Path, key: str, model: type[BaseModel], exclude: set[str] | None = None) -> str:
+    name = key.rsplit(".", 1)[-1]
+    known = [field for field in model.model_fields if field not in (exclude or {"path"})]
+    return f"{path}: {key}: unknown key{_did_you_mean(name, known)}"
+
+
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""

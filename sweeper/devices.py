@@ -1,0 +1,85 @@
+"""Which devices exist and how they split into slots; planning is pure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Literal
+
+from sweeper.errors import DeviceError
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One place a trial runs: a GPU (``gpu`` is its index) or a share of the CPU."""
+
+    index: int
+    gpu: int | None
+    threads: int
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.gpu is None else f"cuda:{self.gpu}"
+
+
+def plan_slots(
+    devices: Literal["auto", "cpu"] | list[int],
+    gpu_count: int,
+    cpu_count: int,
+    trials_per_device: int = 1,
+    cpu_workers: int = 1,
+) -> list[Slot]:
+    """Split the requested devices into slots.
+
+    ``"auto"`` takes every GPU, or the CPU when there is none. Each GPU gets
+    ``trials_per_device`` slots; the CPU gets ``cpu_workers`` slots sharing its
+    cores evenly. GPU slots get an even share of the cores for data loading.
+    """
+    if devices == "cpu" or (devices == "auto" and gpu_count == 0):
+        threads = max(1, cpu_count // cpu_workers)
+        return [Slot(index=i, gpu=None, threads=threads) for i in range(cpu_workers)]
+    gpus = list(range(gpu_count)) if devices == "auto" else list(devices)
+    missing = [gpu for gpu in gpus if gpu < 0 or gpu >= gpu_count]
+    if missing:
+        seen = f"GPUs 0-{gpu_count - 1}" if gpu_count else "no GPU"
+        raise DeviceError(
+            f"resources.devices: GPU {missing[0]} does not exist; this machine has {seen}"
+        )
+    if len(set(gpus)) != len(gpus):
+        raise DeviceError(f"resources.devices: a GPU is listed twice: {gpus}")
+    n_slots = len(gpus) * trials_per_device
+    threads = max(1, cpu_count // n_slots)
+    return [
+        Slot(index=i * trials_per_device + j, gpu=gpu, threads=threads)
+        for i, gpu in enumerate(gpus)
+        for j in range(trials_per_device)
+    ]
+
+
+def count_gpus() -> int:
+    """GPUs visible to this process, asked of the driver without initializing CUDA here."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in {"", "-1"}:
+        return 0
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        listing = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    found = sum(line.startswith("GPU ") for line in listing.splitlines())
+    if visible is not None:
+        return min(found, len([v for v in visible.split(",") if v.strip()]))
+    return found
+
+
+def count_cpus() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,147 @@
+"""Builds and starts worker processes, watches them, forwards signals.
+
+``worker_command`` is pure; ``Sweep`` is the thin layer that touches processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from sweeper.devices import Slot
+from sweeper.errors import SweeperError, SweepFailed
+from sweeper.worker import EXIT_BAD_INPUT, EXIT_SYSTEMATIC
+
+STOP_GRACE = 30.0
+"""Seconds workers get to record their trials after a stop before they are killed."""
+
+
+def worker_command(
+    study_file: Path, slot: Slot, n_trials: int | None, environ: Mapping[str, str]
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of the worker for ``slot``.
+
+    A GPU slot sees only its GPU (CUDA_VISIBLE_DEVICES, mapped through any
+    CUDA_VISIBLE_DEVICES the sweep itself was given); a CPU slot sees none.
+    Thread counts are capped at the slot's share of the cores.
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "sweeper.worker",
+        str(study_file),
+        "--slot",
+        str(slot.index),
+        "--threads",
+        str(slot.threads),
+    ]
+    if slot.gpu is not None:
+        cmd += ["--gpu", "0"]
+    if n_trials is not None:
+        cmd += ["--n-trials", str(n_trials)]
+    env = dict(environ)
+    if slot.gpu is None:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        visible = [
+            v.strip() for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()
+        ]
+        env["CUDA_VISIBLE_DEVICES"] = visible[slot.gpu] if visible else str(slot.gpu)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = str(slot.threads)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"
+    return cmd, env
+
+
+@dataclass
+class Sweep:
+    """The running workers of one ``sweeper start``."""
+
+    study_file: Path
+    slots: list[Slot]
+    log_dir: Path
+    n_trials: int | None = None
+    processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    stopping: bool = False
+
+    def start(self) -> None:
+        """Start one worker per slot, each in its own session, logging to a file."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for slot in self.slots:
+            cmd, env = worker_command(self.study_file, slot, self.n_trials, os.environ)
+            log: IO[bytes] = open(self.log_path(slot), "ab")  # noqa: SIM115 - child owns it
+            self.processes[slot.index] = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            log.close()
+
+    def log_path(self, slot: Slot) -> Path:
+        return self.log_dir / f"slot-{slot.index}.log"
+
+    def wait(self, tick: Callable[[], str | None], interval: float = 0.5) -> None:
+        """Wait for every worker, calling ``tick`` between checks.
+
+        ``tick`` returns a reason to stop the sweep (trials failing
+        systematically) or None. A worker that fails makes the others stop.
+        """
+        while self.processes:
+            reason = tick()
+            if reason is not None:
+                self.stop()
+                raise SweepFailed(f"the first trials all failed the same way: {reason}")
+            for index, process in list(self.processes.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del self.processes[index]
+                if code == EXIT_SYSTEMATIC:
+                    continue  # tick reads the reason from the study
+                if code != 0 and not self.stopping:
+                    self.stop()
+                    log = self.log_path(self.slots[index])
+                    error = SweeperError(
+                        f"worker of slot {index} exited with code {code}: {_last_line(log)} "
+                        f"(log: {log})"
+                    )
+                    error.exit_code = 2 if code == EXIT_BAD_INPUT else 1
+                    raise error
+            time.sleep(interval)
+        reason = tick()
+        if reason is not None:
+            raise SweepFailed(f"the first trials all failed the same way: {reason}")
+
+    def stop(self) -> None:
+        """Ask every worker to stop (they fail and re-enqueue their trials), then wait."""
+        self.stopping = True
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.processes.clear()
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "no output"

@@ -1,0 +1,96 @@
+"""``sweeper start``: validate everything, then create or resume the study and run it."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sweeper.config import StudyConfig
+from sweeper.devices import Slot, count_cpus, count_gpus, plan_slots
+from sweeper.errors import DeviceError
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished ``sweeper start`` hands back to the CLI."""
+
+    summary: dict[str, Any]
+    best_file: Path | None
+    recovered: list[int]
+
+
+def validate(config: StudyConfig) -> list[Slot]:
+    """Every check that needs no storage: task import, trainer options, plugins, devices.
+
+    Nothing is created or written; the slots the sweep would use are returned.
+    """
+    from sweeper.study import check_plugins
+    from sweeper.tasks import load_task
+
+    load_task(config)
+    from sweeper.trial import check_trainer_options
+
+    check_trainer_options(config)
+    check_plugins(config)
+    resources = config.resources
+    try:
+        return plan_slots(
+            resources.devices,
+            gpu_count=count_gpus(),
+            cpu_count=count_cpus(),
+            trials_per_device=resources.trials_per_device,
+            cpu_workers=resources.cpu_workers,
+        )
+    except DeviceError as exc:
+        raise DeviceError(f"{config.path}: {exc}") from None
+
+
+def start(
+    config: StudyConfig, emit: Callable[[str], None], n_trials: int | None = None
+) -> Outcome:
+    """Run the study to ``n_trials`` finished trials on every slot; return the best."""
+    from sweeper.best import summary, write_best_toml
+    from sweeper.launcher import Sweep
+    from sweeper.progress import EventLog
+    from sweeper.storage import mask_url
+    from sweeper.study import create_or_resume, recover_orphans, systematic_failure
+
+    slots = validate(config)
+    study = create_or_resume(config)
+    recovered = recover_orphans(study)
+    for number in recovered:
+        emit(f"trial {number} was left running by a stopped sweep: failed and enqueued again")
+    devices = ", ".join(sorted({slot.device for slot in slots}))
+    emit(
+        f"study {config.study.name!r} in {mask_url(config.storage_url)}: {len(slots)} slot(s) "
+        f"on {devices}, {config.study.n_trials} trials"
+    )
+    events = EventLog(config.study.metric, config.study.direction == "maximize", emit)
+    sweep = Sweep(config.path, slots, config.output_dir / "logs", n_trials=n_trials)
+
+    def tick() -> str | None:
+        trials = study.get_trials(deepcopy=False)
+        events.update(trials)
+        return systematic_failure(study)
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        sweep.start()
+        sweep.wait(tick)
+    except KeyboardInterrupt:
+        emit("stopping: running trials are failed and will be retried by the next start")
+        sweep.stop()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if sweep.processes:
+            sweep.stop()
+    data = summary(config, study)
+    return Outcome(data, write_best_toml(config, data), recovered)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,60 @@
+"""Built-in tasks and loading a user's ``module:function`` task."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from sweeper.config import StudyConfig
+from sweeper.errors import ConfigError, TaskError
+
+Build = Callable[[dict[str, Any]], tuple[Any, Any]]
+"""A task: ``build(params) -> (LightningModule, LightningDataModule)``."""
+
+BUILTIN: dict[str, str] = {}
+"""Built-in task names and the ``module:function`` that implements each."""
+
+
+def load_task(config: StudyConfig) -> Build:
+    """Import the task named in ``[task]``; its folder is searched before sys.path.
+
+    Importing is where a task prepares what does not depend on params (reading
+    and tokenizing data), so a worker does it once for all its trials.
+    """
+    name = config.task.name
+    target = BUILTIN.get(name, name)
+    where = f"{config.path}: task.name"
+    if target.count(":") != 1:
+        known = ", ".join(sorted(BUILTIN)) or "none yet"
+        raise ConfigError(
+            f"{where}: {name!r} is neither 'module:function' nor a built-in task "
+            f"(built-in: {known})"
+        )
+    if name not in BUILTIN and config.task.options:
+        key = next(iter(config.task.options))
+        raise ConfigError(
+            f"{config.path}: task.{key}: unknown key; a 'module:function' task takes its "
+            "settings from [search] (fixed values are passed through)"
+        )
+    module_name, function_name = target.split(":")
+    folder = str(config.folder)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name or module_name.startswith(f"{exc.name}."):
+            raise TaskError(
+                f"{where}: no module {module_name!r} next to the study file or on sys.path"
+            ) from None
+        raise TaskError(f"{where}: importing {module_name!r} failed: {exc}") from None
+    except Exception as exc:  # a user's module can raise anything while importing
+        raise TaskError(
+            f"{where}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    build = getattr(module, function_name, None)
+    if not callable(build):
+        raise TaskError(f"{where}: module {module_name!r} has no function {function_name!r}")
+    return build

@@ -1,0 +1,157 @@
+"""One trial, in a process forked for it: claim, train, tell, with a stop reason."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import os
+import socket
+import time
+import traceback
+from typing import Any
+
+import lightning.pytorch as pl
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from sweeper.callbacks import TrialRecorder, TrialStopped
+from sweeper.config import StudyConfig
+from sweeper.devices import Slot
+from sweeper.errors import ConfigError, TaskError
+from sweeper.space import parse_space
+from sweeper.study import claim, claim_lock, load, trial_seed
+from sweeper.tasks import Build
+
+EXIT_TOLD = 0
+"""The trial ran and its outcome is in the study, whatever that outcome."""
+
+EXIT_NO_TRIAL = 3
+"""Nothing left to claim: ``n_trials`` are finished or under way."""
+
+RESERVED_TRAINER_KEYS = {
+    "accelerator": "[resources] devices",
+    "devices": "[resources] devices",
+    "num_nodes": "[resources]",
+    "strategy": "[resources]",
+    "logger": "sweeper (metrics are stored on each trial)",
+    "callbacks": "sweeper",
+    "enable_progress_bar": "sweeper",
+}
+
+
+def check_trainer_options(config: StudyConfig) -> None:
+    """Refuse ``[trainer]`` keys that lightning.Trainer lacks or that sweeper sets."""
+    known = [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
+    for key in config.trainer:
+        if key in RESERVED_TRAINER_KEYS:
+            raise ConfigError(
+                f"{config.path}: trainer.{key}: set by {RESERVED_TRAINER_KEYS[key]}, "
+                "not in [trainer]"
+            )
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{config.path}: trainer.{key}: not an option of lightning.Trainer{hint}"
+            )
+
+
+def trainer_options(config: StudyConfig, slot: Slot) -> dict[str, Any]:
+    """Trainer arguments: sweeper's quiet defaults, then ``[trainer]``, then the device."""
+    return {
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        **config.trainer,
+        "accelerator": "cpu" if slot.gpu is None else "gpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+    }
+
+
+def run_trial(config: StudyConfig, slot: Slot, build: Build, channel: int) -> int:
+    """Claim the next trial, train it and tell the study; returns an exit code.
+
+    The trial's id and number are written to ``channel`` as soon as it exists,
+    so the worker can record its end if this process dies.
+    """
+    torch.set_num_threads(slot.threads)
+    study = load(config)
+    with claim_lock(config):
+        trial = claim(study, config)
+        if trial is None:
+            return EXIT_NO_TRIAL
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("slot", slot.index)
+        trial.set_user_attr("device", slot.device)
+    os.write(channel, f"{trial._trial_id} {trial.number}\n".encode())
+    state, value, attrs = _train(config, slot, build, study, trial)
+    for key, attr in attrs.items():
+        trial.set_user_attr(key, attr)
+    study.tell(trial, value, state=state)
+    return EXIT_TOLD
+
+
+def _train(
+    config: StudyConfig, slot: Slot, build: Build, study: optuna.Study, trial: optuna.Trial
+) -> tuple[TrialState, float | None, dict[str, Any]]:
+    space = parse_space(config.search, config.path)
+    params = {**space.fixed, **trial.params}
+    seed = trial_seed(config.study.seed, trial.number)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    recorder = TrialRecorder(
+        trial, config.study.metric, config.study.direction, config.pruner.name
+    )
+    attrs: dict[str, Any] = {"seed": seed}
+    started = time.perf_counter()
+    try:
+        module, datamodule = _build(build, params)
+        trainer = pl.Trainer(**trainer_options(config, slot), callbacks=[recorder])
+        trainer.fit(module, datamodule=datamodule)
+    except TrialStopped as stop:
+        attrs.update(stop_reason=stop.reason, stop_step=stop.step)
+        state = TrialState.PRUNED if stop.pruned else TrialState.COMPLETE
+    except Exception as exc:  # any error of the user's code fails this trial only
+        attrs.update(
+            stop_reason=f"error: {type(exc).__name__}: {exc}", error=traceback.format_exc(limit=-8)
+        )
+        state = TrialState.FAIL
+    else:
+        attrs["stop_reason"] = "completed"
+        state = TrialState.COMPLETE
+    attrs["fit_seconds"] = round(time.perf_counter() - started, 4)
+    if recorder.best is not None:
+        attrs.update(best_step=recorder.best_step, best_epoch=recorder.best_epoch)
+    if state == TrialState.COMPLETE:
+        if recorder.best is None or not math.isfinite(recorder.best):
+            attrs["stop_reason"] = (
+                f"error: the study metric {config.study.metric!r} was never logged; the "
+                "trial ran no validation"
+            )
+            return TrialState.FAIL, None, attrs
+        return state, recorder.best, attrs
+    return state, None, attrs
+
+
+def _build(build: Build, params: dict[str, Any]) -> tuple[pl.LightningModule, Any]:
+    built = build(dict(params))
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise TaskError(
+            "the task must return (LightningModule, LightningDataModule), got "
+            f"{type(built).__name__}"
+        )
+    module, datamodule = built
+    if not isinstance(module, pl.LightningModule):
+        raise TaskError(
+            f"the task's first return value must be a LightningModule, got {type(module).__name__}"
+        )
+    if not isinstance(datamodule, pl.LightningDataModule):
+        raise TaskError(
+            "the task's second return value must be a LightningDataModule, got "
+            f"{type(datamodule).__name__}"
+        )
+    return module, datamodule

@@ -1,0 +1,170 @@
+"""Every bad study file: one clear message naming the file and key, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from sweeper.cli import app
+from tests.conftest import BASE, StudyDir, study, toml_text
+
+runner = CliRunner()
+
+
+def start(study_dir: StudyDir, data: dict | None = None, text: str | None = None):
+    path = study_dir.write(data, text)
+    result = runner.invoke(app, ["start", str(path)])
+    return path, result
+
+
+def assert_refused(study_dir: StudyDir, result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    for fragment in fragments:
+        assert fragment in message, message
+    assert study_dir.created() == [], "a refused study file must not create anything"
+
+
+CASES = {
+    "unknown key with a suggestion": (
+        study(study={"n_trial": 5}),
+        ["study.n_trial: unknown key; did you mean 'n_trials'?"],
+    ),
+    "unknown section": ({**BASE, "serach": {}}, ["serach: unknown key; did you mean 'search'?"]),
+    "wrong type": (study(study={"n_trials": "ten"}), ["study.n_trials:", "'ten'"]),
+    "zero trials": (study(study={"n_trials": 0}), ["study.n_trials:", "greater than 0"]),
+    "bad direction": (study(study={"direction": "up"}), ["study.direction:", "'up'"]),
+    "missing study key": (
+        {**BASE, "study": {k: v for k, v in BASE["study"].items() if k != "metric"}},
+        ["study.metric: required key is missing"],
+    ),
+    "missing section": (study(search=None), ["search: required key is missing"]),
+    "low above high": (
+        study(search={"lr": {"low": 1.0, "high": 0.1}}),
+        ["search.lr: low must be below high, got low=1.0 and high=0.1"],
+    ),
+    "low equals high": (study(search={"lr": {"low": 1, "high": 1}}), ["search.lr: low must be"]),
+    "log with low at zero": (
+        study(search={"lr": {"low": 0.0, "high": 1.0, "log": True}}),
+        ["search.lr: a log range needs low > 0, got low=0.0"],
+    ),
+    "empty choices": (
+        study(search={"opt": {"choices": []}}),
+        ["search.opt.choices: must be a non-empty list"],
+    ),
+    "unknown range key": (
+        study(search={"lr": {"low": 0.1, "hihg": 1.0}}),
+        ["search.lr.hihg: unknown key; did you mean 'high'?"],
+    ),
+    "missing high": (study(search={"lr": {"low": 0.1}}), ["search.lr:", "'high' is missing"]),
+    "text bound": (
+        study(search={"lr": {"low": "a", "high": 1.0}}),
+        ["search.lr.low: must be a number"],
+    ),
+    "step with log": (
+        study(search={"lr": {"low": 0.1, "high": 1.0, "log": True, "step": 0.1}}),
+        ["search.lr: 'step' and 'log = true' cannot be used together"],
+    ),
+    "only fixed values": (study(search={"batch_size": 8}), ["search: nothing to search"]),
+    "unknown sampler": (
+        study(sampler={"name": "tpee"}),
+        ["sampler.name: unknown sampler 'tpee'; did you mean 'tpe'?"],
+    ),
+    "unknown pruner": (
+        study(pruner={"name": "medain"}),
+        ["pruner.name: unknown pruner 'medain'; did you mean 'median'?"],
+    ),
+    "unknown sampler option": (
+        study(sampler={"name": "tpe", "n_startup": 3}),
+        ["sampler.n_startup: not an option of TPESampler", "did you mean 'n_startup_trials'?"],
+    ),
+    "bad pruner option value": (
+        study(pruner={"name": "percentile", "percentile": 250.0}),
+        ["pruner:", "percentile"],
+    ),
+    "grid without steps": (
+        study(sampler={"name": "grid"}, search={"lr": {"low": 0.1, "high": 1.0}}),
+        ["search.lr: the grid sampler needs a finite set of values"],
+    ),
+    "bad devices": (study(resources={"devices": "gpu"}), ["resources.devices: must be"]),
+    "missing GPU": (
+        study(resources={"devices": [3]}),
+        ["resources.devices: GPU 3 does not exist"],
+    ),
+    "task without function": (
+        study(task={"name": "tiny_task"}),
+        ["task.name: 'tiny_task' is neither 'module:function'"],
+    ),
+    "task not found": (
+        study(task={"name": "no_such_module:build"}),
+        ["task.name: no module 'no_such_module' next to the study file"],
+    ),
+    "task function missing": (
+        study(task={"name": "tiny_task:nothing"}),
+        ["task.name: module 'tiny_task' has no function 'nothing'"],
+    ),
+    "custom task option": (
+        study(task={"name": "tiny_task:build", "model": "x"}),
+        ["task.model: unknown key"],
+    ),
+    "unknown trainer option": (
+        study(trainer={"max_epoch": 3}),
+        ["trainer.max_epoch: not an option of lightning.Trainer", "did you mean 'max_epochs'?"],
+    ),
+    "trainer option sweeper sets": (
+        study(trainer={"devices": 2}),
+        ["trainer.devices: set by [resources] devices"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_study_file_is_refused(study_dir: StudyDir, name: str) -> None:
+    data, fragments = CASES[name]
+    path, result = start(study_dir, data)
+    assert_refused(study_dir, result, str(path), *fragments)
+
+
+def test_toml_syntax_error_shows_its_line(study_dir: StudyDir) -> None:
+    text = toml_text(BASE).replace("n_trials = 6", "n_trials = = 6")
+    line = text.splitlines().index("n_trials = = 6") + 1
+    path, result = start(study_dir, text=text)
+    assert_refused(study_dir, result, str(path), "invalid TOML", f"line {line}")
+
+
+def test_missing_study_file(study_dir: StudyDir) -> None:
+    result = runner.invoke(app, ["start", str(study_dir.root / "nope.toml")])
+    assert_refused(study_dir, result, "nope.toml: no such study file")
+
+
+def test_task_that_fails_to_import(study_dir: StudyDir) -> None:
+    (study_dir.root / "broken_task.py").write_text("raise RuntimeError('no data folder')\n")
+    _, result = start(study_dir, study(task={"name": "broken_task:build"}))
+    assert_refused(
+        study_dir,
+        result,
+        "task.name: importing 'broken_task' failed",
+        "RuntimeError: no data folder",
+    )
+
+
+def test_bad_n_trials_override(study_dir: StudyDir) -> None:
+    path = study_dir.write(BASE)
+    result = runner.invoke(app, ["start", str(path), "--n-trials", "0"])
+    assert_refused(study_dir, result, "--n-trials must be at least 1")
+
+
+def test_check_accepts_a_good_file_and_writes_nothing(study_dir: StudyDir) -> None:
+    path = study_dir.write(BASE)
+    result = runner.invoke(app, ["check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "ok; 2 slot(s) on cpu" in result.output
+    assert study_dir.created() == []
+
+
+def test_example_studies_are_valid() -> None:
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent.parent / "studies").glob("*.toml")):
+        result = runner.invoke(app, ["check", str(path)])
+        assert result.exit_code == 0, f"{path}: {result.output}"
