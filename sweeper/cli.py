@@ -34,9 +34,9 @@ def handles_errors(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import logging
+        import optuna
 
-        logging.getLogger("optuna").setLevel(logging.WARNING)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
             return command(*args, **kwargs)
         except SweeperError as exc:

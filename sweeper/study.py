@@ -7,6 +7,7 @@ import difflib
 import inspect
 import os
 import socket
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,8 +81,6 @@ def _build(
 
 @contextlib.contextmanager
 def _quiet_experimental() -> Iterator[None]:
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         yield
@@ -196,12 +195,21 @@ def claim(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None:
     # same seed in every worker would make parallel workers suggest alike.
     study.sampler = sampler_for(config, trial_seed(config.study.seed, len(trials)))
     space = parse_space(config.search, config.path)
-    return study.ask(space.distributions)
+    with warnings.catch_warnings():
+        # Heartbeats are recorded by the worker, which Optuna cannot see from here.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        return study.ask(space.distributions)
 
 
 def trial_seed(study_seed: int, number: int) -> int:
-    """The seed of trial ``number``: reproducible from the study seed alone."""
-    return (study_seed * 1_000_003 + number) % 2**32
+    """The seed of trial ``number``: reproducible from the study seed alone.
+
+    Mixed through NumPy's SeedSequence: neighbouring integer seeds give
+    correlated first draws in Mersenne Twister, and samplers draw few numbers.
+    """
+    import numpy as np
+
+    return int(np.random.SeedSequence([study_seed, number]).generate_state(1)[0])
 
 
 def counts(study: optuna.Study) -> dict[str, int]:

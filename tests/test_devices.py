@@ -1,0 +1,79 @@
+"""Slot planning and worker commands are pure: every case checked without a GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sweeper.devices import Slot, plan_slots
+from sweeper.errors import DeviceError
+from sweeper.launcher import worker_command
+
+
+def test_auto_without_gpu_uses_cpu_workers_sharing_the_cores() -> None:
+    slots = plan_slots("auto", gpu_count=0, cpu_count=8, cpu_workers=4)
+    assert slots == [Slot(i, None, 2) for i in range(4)]
+    assert slots[0].device == "cpu"
+
+
+def test_auto_takes_every_gpu_times_trials_per_device() -> None:
+    slots = plan_slots("auto", gpu_count=2, cpu_count=16, trials_per_device=2)
+    assert [(s.index, s.gpu) for s in slots] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    assert {s.threads for s in slots} == {4}
+    assert slots[2].device == "cuda:1"
+
+
+def test_cpu_ignores_gpus_and_listed_gpus_are_kept() -> None:
+    assert {s.gpu for s in plan_slots("cpu", gpu_count=4, cpu_count=2)} == {None}
+    assert [s.gpu for s in plan_slots([0, 2], gpu_count=4, cpu_count=8)] == [0, 2]
+
+
+def test_more_workers_than_cores_still_get_one_thread() -> None:
+    assert {s.threads for s in plan_slots("cpu", 0, cpu_count=2, cpu_workers=8)} == {1}
+
+
+@pytest.mark.parametrize(
+    ("devices", "count", "message"),
+    [
+        ([3], 2, "GPU 3 does not exist; this machine has GPUs 0-1"),
+        ([0], 0, "GPU 0 does not exist; this machine has no GPU"),
+        ([1, 1], 2, "a GPU is listed twice"),
+    ],
+)
+def test_bad_gpu_lists(devices: list[int], count: int, message: str) -> None:
+    with pytest.raises(DeviceError, match=message):
+        plan_slots(devices, gpu_count=count, cpu_count=4)
+
+
+def test_gpu_worker_sees_only_its_gpu_with_its_share_of_threads() -> None:
+    cmd, env = worker_command(Path("s.toml"), Slot(3, 1, 4), 10, {"PATH": "/bin"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert env["OMP_NUM_THREADS"] == "4"
+    assert env["TOKENIZERS_PARALLELISM"] == "false"
+    assert cmd[1:] == [
+        "-m",
+        "sweeper.worker",
+        "s.toml",
+        "--slot",
+        "3",
+        "--threads",
+        "4",
+        "--gpu",
+        "0",
+        "--n-trials",
+        "10",
+    ]
+
+
+def test_gpu_index_maps_through_the_callers_visible_devices() -> None:
+    _, env = worker_command(Path("s.toml"), Slot(0, 1, 1), None, {"CUDA_VISIBLE_DEVICES": "5,7"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "7"
+
+
+def test_cpu_worker_sees_no_gpu() -> None:
+    cmd, env = worker_command(
+        Path("s.toml"), Slot(0, None, 2), None, {"CUDA_VISIBLE_DEVICES": "0"}
+    )
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
+    assert "--gpu" not in cmd and "--n-trials" not in cmd

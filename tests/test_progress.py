@@ -1,0 +1,46 @@
+"""Plain events from snapshots of a study's trials, as a log file would show them."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+from sweeper.progress import EventLog
+
+
+def snapshot(number: int, state: TrialState, value: float | None = None, **attrs):
+    trial = optuna.trial.create_trial(
+        state=state,
+        value=value,
+        params={"lr": 0.01},
+        distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 1.0)},
+        user_attrs=attrs,
+    )
+    trial.number = number
+    return trial
+
+
+def test_events_for_start_finish_prune_fail_and_new_best() -> None:
+    lines: list[str] = []
+    log = EventLog("val_acc", maximize=True, emit=lines.append, clock=lambda: 0.0)
+    log.update([snapshot(0, TrialState.RUNNING)])  # no slot recorded yet: not reported
+    log.update([snapshot(0, TrialState.RUNNING, device="cpu")])
+    log.update(
+        [
+            snapshot(0, TrialState.COMPLETE, 0.8, stop_reason="completed"),
+            snapshot(1, TrialState.PRUNED, stop_reason="pruned by median at step 40"),
+            snapshot(2, TrialState.COMPLETE, 0.7, stop_reason="completed"),
+            snapshot(3, TrialState.FAIL, stop_reason="killed by signal 9 (SIGKILL)"),
+            snapshot(4, TrialState.COMPLETE, 0.9, stop_reason="completed"),
+        ]
+    )
+    log.update([snapshot(4, TrialState.COMPLETE, 0.9)])  # nothing new
+    text = [line.split(" ", 1)[1] for line in lines]
+    assert text == [
+        "trial 0 started on cpu lr=0.01",
+        "trial 0 completed: val_acc=0.8000 (new best)",
+        "trial 1 pruned: pruned by median at step 40",
+        "trial 2 completed: val_acc=0.7000",
+        "trial 3 failed: killed by signal 9 (SIGKILL)",
+        "trial 4 completed: val_acc=0.9000 (new best)",
+    ]

@@ -1,0 +1,97 @@
+"""Search-space entries become the Optuna distributions a user would write by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from sweeper.errors import ConfigError
+from sweeper.space import grid_space, parse_space
+
+PATH = Path("study.toml")
+
+
+def test_entries_map_to_distributions_and_fixed_values() -> None:
+    space = parse_space(
+        {
+            "lr": {"low": 1e-4, "high": 3.0, "log": True},
+            "hidden": {"low": 16, "high": 128, "step": 16},
+            "dropout": {"low": 0.0, "high": 0.5},
+            "optimizer": {"choices": ["sgd", "adam"]},
+            "batch_size": 64,
+            "layers": [1, 2],
+        },
+        PATH,
+    )
+    assert space.distributions == {
+        "lr": FloatDistribution(1e-4, 3.0, log=True),
+        "hidden": IntDistribution(16, 128, step=16),
+        "dropout": FloatDistribution(0.0, 0.5),
+        "optimizer": CategoricalDistribution(["sgd", "adam"]),
+    }
+    assert space.fixed == {"batch_size": 64, "layers": [1, 2]}
+
+
+def test_sampled_values_stay_inside_the_space() -> None:
+    space = parse_space(
+        {
+            "lr": {"low": 1e-4, "high": 3.0, "log": True},
+            "hidden": {"low": 16, "high": 128, "step": 16},
+        },
+        PATH,
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(50):
+        trial = study.ask(space.distributions)
+        assert 1e-4 <= trial.params["lr"] <= 3.0
+        assert trial.params["hidden"] in range(16, 129, 16)
+        study.tell(trial, 0.0)
+
+
+def test_float_step_and_int_log() -> None:
+    space = parse_space(
+        {
+            "wd": {"low": 0.0, "high": 0.1, "step": 0.01},
+            "units": {"low": 8, "high": 512, "log": True},
+        },
+        PATH,
+    )
+    assert space.distributions["wd"] == FloatDistribution(0.0, 0.1, step=0.01)
+    assert space.distributions["units"] == IntDistribution(8, 512, log=True)
+
+
+def test_fingerprint_changes_with_the_space_only() -> None:
+    one = parse_space({"lr": {"low": 0.1, "high": 1.0}, "b": 2}, PATH)
+    same = parse_space({"b": 2, "lr": {"low": 0.1, "high": 1.0}}, PATH)
+    other = parse_space({"lr": {"low": 0.2, "high": 1.0}, "b": 2}, PATH)
+    assert one.fingerprint() == same.fingerprint() != other.fingerprint()
+
+
+def test_grid_lists_every_value() -> None:
+    grid = grid_space(
+        {
+            "opt": {"choices": ["a", "b"]},
+            "n": {"low": 1, "high": 3},
+            "wd": {"low": 0.0, "high": 0.2, "step": 0.1},
+        },
+        PATH,
+    )
+    assert grid == {"opt": ["a", "b"], "n": [1, 2, 3], "wd": [0.0, 0.1, 0.2]}
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"choices": [1, 1]},
+        {"choices": [{"a": 1}]},
+        {"low": 1, "high": 2, "step": 0},
+        {"low": 1, "high": 2, "log": "yes"},
+        {"choices": ["a"], "low": 1},
+    ],
+)
+def test_more_bad_entries(entry: dict) -> None:
+    with pytest.raises(ConfigError, match=r"study.toml: search\.x"):
+        parse_space({"x": entry}, PATH)

@@ -1,0 +1,304 @@
+"""`sweeper start` end to end: real processes, real SQLite files, real kills."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from tests.conftest import StudyDir, run_sweeper, study, sweeper_cmd
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def load(study_dir: StudyDir, name: str = "tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{study_dir.db}")
+
+
+def states(trials: list) -> dict[str, int]:
+    result: dict[str, int] = {}
+    for trial in trials:
+        result[trial.state.name] = result.get(trial.state.name, 0) + 1
+    return result
+
+
+def finished(trials: list) -> int:
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, read from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def wait_for(condition, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_with_pid(study_dir: StudyDir) -> list:
+    if not study_dir.db.exists():
+        return []
+    try:
+        trials = load(study_dir).get_trials(states=(TrialState.RUNNING,))
+    except KeyError:
+        return []
+    return [t for t in trials if "device" in t.user_attrs]
+
+
+def test_sweep_runs_to_n_trials_and_reports_the_best(study_dir: StudyDir) -> None:
+    path = study_dir.write(
+        study(
+            search={
+                "lr": {"low": 1e-3, "high": 1.0, "log": True},
+                "hidden": {"low": 4, "high": 32, "step": 4},
+                "batch_size": 32,
+            }
+        )
+    )
+    result = run_sweeper("start", str(path))
+    assert result.returncode == 0, result.stderr + result.stdout
+    trials = load(study_dir).get_trials()
+    assert finished(trials) == 6 and len(trials) == 6
+    assert {t.user_attrs["stop_reason"].split(" ")[0] for t in trials} <= {"completed", "pruned"}
+    devices = {t.user_attrs["device"] for t in trials}
+    assert devices == {"cpu"}
+    assert len({t.user_attrs["slot"] for t in trials}) == 2, "both CPU slots must run trials"
+    for trial in trials:
+        history = trial.user_attrs["history"]
+        assert [r["step"] for r in history] == sorted(trial.intermediate_values)
+        assert all("val_acc" in r and "val_loss" in r and "train_loss" in r for r in history)
+        if trial.state == TrialState.COMPLETE:
+            assert trial.value == max(r["val_acc"] for r in history)
+            assert trial.user_attrs["best_step"] in trial.intermediate_values
+    best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert f"best: trial {best.number}, val_acc={best.value:.4f}" in result.stdout
+    written = tomllib.loads((study_dir.root / "tiny" / "best.toml").read_text())
+    assert written["best"]["value"] == best.value
+    assert written["params"] == {"batch_size": 32, **best.params}
+    assert written["reproduce"]["trial_number"] == best.number
+    assert "torch" in written["reproduce"]["versions"]
+
+    shown = run_sweeper("best", str(path), "--json")
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["best"]["trial"] == best.number
+    assert data["counts"]["complete"] + data["counts"]["pruned"] == 6
+    assert "val_acc" in data["best"]["metrics"]
+
+    status = run_sweeper("status", str(path))
+    assert status.returncode == 0, status.stderr
+    assert "6/6 finished" in status.stdout
+
+    again = run_sweeper("start", str(path))
+    assert again.returncode == 0, again.stderr
+    assert len(load(study_dir).get_trials()) == 6, "a finished study runs no more trials"
+
+    more = run_sweeper("start", str(path), "--n-trials", "8")
+    assert more.returncode == 0, more.stderr
+    assert finished(load(study_dir).get_trials()) == 8
+
+
+def test_changed_search_space_is_refused(study_dir: StudyDir) -> None:
+    path = study_dir.write(study(study={"n_trials": 2}))
+    assert run_sweeper("start", str(path)).returncode == 0
+    before = study_dir.db.read_bytes()
+    study_dir.write(study(study={"n_trials": 2}, search={"lr": {"low": 1e-4, "high": 1.0}}))
+    result = run_sweeper("start", str(path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "search: the search space changed since the study 'tiny' was created" in result.stderr
+    assert "new name" in result.stderr
+    assert study_dir.db.read_bytes() == before
+
+
+def test_failing_trials_do_not_stop_the_sweep(study_dir: StudyDir) -> None:
+    path = study_dir.write(
+        study(
+            study={"n_trials": 5},
+            search={"lr": {"low": 1e-3, "high": 1.0, "log": True}, "fail_above": 0.05},
+            sampler={"name": "random"},
+        )
+    )
+    result = run_sweeper("start", str(path))
+    assert result.returncode == 0, result.stderr + result.stdout
+    trials = load(study_dir).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed, "the seeded random sampler draws some lr above 0.05"
+    for trial in failed:
+        assert trial.params["lr"] > 0.05
+        assert trial.user_attrs["stop_reason"].startswith("error: ValueError: lr ")
+        assert "Traceback" in trial.user_attrs["error"]
+    assert finished(trials) == 5
+
+
+def test_systematic_failure_stops_the_sweep(study_dir: StudyDir) -> None:
+    path = study_dir.write(study(search={"lr": {"low": 0.01, "high": 0.1}, "fail": "always"}))
+    result = run_sweeper("start", str(path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (
+        "the first trials all failed the same way: error: ValueError: this task always fails"
+        in result.stderr
+    )
+    trials = load(study_dir).get_trials()
+    assert all(t.state == TrialState.FAIL for t in trials)
+    assert 3 <= len(trials) <= 5
+
+
+def test_killed_trial_is_failed_and_retried_with_its_params(study_dir: StudyDir) -> None:
+    path = study_dir.write(
+        study(
+            study={"n_trials": 4},
+            search={"lr": {"low": 0.01, "high": 0.1}, "sleep": 0.05},
+        )
+    )
+    sweep = subprocess.Popen(
+        sweeper_cmd("start", str(path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    victim = wait_for(lambda: running_with_pid(study_dir), what="a running trial")[0]
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    out, err = sweep.communicate(timeout=300)
+    assert sweep.returncode == 0, out + err
+    trials = load(study_dir).get_trials()
+    killed = trials[victim.number]
+    assert killed.state == TrialState.FAIL
+    assert killed.user_attrs["stop_reason"].startswith("killed by signal 9 (SIGKILL)")
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].params == victim.params
+    assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert finished(trials) == 4
+    assert f"trial {victim.number} failed: killed by signal 9" in out
+
+
+def test_resume_after_kill_9_of_the_whole_run(study_dir: StudyDir) -> None:
+    path = study_dir.write(
+        study(
+            study={"n_trials": 6},
+            search={"lr": {"low": 0.01, "high": 0.1}, "sleep": 0.03},
+        )
+    )
+    sweep = subprocess.Popen(
+        sweeper_cmd("start", str(path)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+    def busy() -> bool:
+        running = running_with_pid(study_dir)
+        return len(running) == 2 and finished(load(study_dir).get_trials()) >= 1
+
+    wait_for(busy, what="one finished and two running trials")
+    for pid in [sweep.pid, *descendants(sweep.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    sweep.wait()
+    orphans = load(study_dir).get_trials(states=(TrialState.RUNNING,))
+    assert orphans, "the kill left trials RUNNING"
+
+    result = run_sweeper("start", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = load(study_dir).get_trials()
+    assert finished(trials) == 6
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    for orphan in orphans:
+        again = trials[orphan.number]
+        assert again.state == TrialState.FAIL
+        assert again.user_attrs["stop_reason"].startswith("interrupted")
+        retries = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+        assert len(retries) == 1 and retries[0].params == orphan.params
+        assert f"trial {orphan.number} was left running by a stopped sweep" in result.stdout
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_finishes(study_dir: StudyDir) -> None:
+    path = study_dir.write(
+        study(
+            study={"n_trials": 4},
+            search={"lr": {"low": 0.01, "high": 0.1}, "sleep": 0.05},
+        )
+    )
+    sweep = subprocess.Popen(
+        sweeper_cmd("start", str(path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: running_with_pid(study_dir), what="a running trial")
+    sweep.send_signal(signal.SIGINT)
+    out, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, out + err
+    trials = load(study_dir).get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+    assert interrupted
+    assert all(t.user_attrs["stop_reason"].startswith("interrupted") for t in interrupted)
+    result = run_sweeper("start", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert finished(load(study_dir).get_trials()) == 4
+
+
+def test_eight_writers_and_a_reader_on_one_sqlite_file(study_dir: StudyDir) -> None:
+    path = study_dir.write(
+        study(
+            study={"n_trials": 40},
+            trainer={"max_epochs": 1},
+            resources={"devices": "cpu", "cpu_workers": 8},
+            sampler={"name": "random"},
+        )
+    )
+    errors: list[str] = []
+    reads = 0
+    done = threading.Event()
+
+    def reader() -> None:
+        nonlocal reads
+        while not done.is_set():
+            try:
+                if study_dir.db.exists():
+                    load(study_dir).get_trials()
+                    reads += 1
+            except KeyError:
+                pass  # the study is not created yet
+            except Exception as exc:
+                errors.append(repr(exc))
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        result = run_sweeper("start", str(path), timeout=600)
+    finally:
+        done.set()
+        thread.join()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert errors == []
+    assert reads > 10
+    trials = load(study_dir).get_trials()
+    assert "FAIL" not in states(trials)
+    assert finished(trials) == 40 and len(trials) == 40
+    assert sorted(t.number for t in trials) == list(range(40))
+    assert len({t.user_attrs["slot"] for t in trials}) == 8
+    logs = "".join(p.read_text() for p in (study_dir.root / "tiny" / "logs").glob("*.log"))
+    assert "database is locked" not in logs
