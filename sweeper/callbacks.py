@@ -8,17 +8,50 @@ from typing import Any
 import lightning.pytorch as pl
 import optuna
 
+from sweeper.divergence import DivergenceGuard
 from sweeper.errors import TaskError
 
 
 class TrialStopped(Exception):
     """Raised inside training to end a trial early; ``reason`` is its stop reason."""
 
-    def __init__(self, reason: str, step: int, pruned: bool) -> None:
+    def __init__(self, reason: str, step: int, pruned: bool, diverged: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.step = step
         self.pruned = pruned
+        self.diverged = diverged
+
+
+def step_loss(outputs: Any) -> float | None:
+    """The training loss of one step, from what ``training_step`` returned."""
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    if loss is None or not hasattr(loss, "detach"):
+        return None
+    return float(loss.detach())
+
+
+class DivergenceCallback(pl.Callback):
+    """Stops the trial at the optimizer step where its loss is seen to diverge."""
+
+    def __init__(self, guard: DivergenceGuard) -> None:
+        self.guard = guard
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = step_loss(outputs)
+        if loss is None:
+            return
+        step = trainer.global_step
+        reason = self.guard.step(step, loss)
+        if reason is not None:
+            raise TrialStopped(reason, step, pruned=True, diverged=True)
 
 
 class TrialRecorder(pl.Callback):
@@ -30,8 +63,11 @@ class TrialRecorder(pl.Callback):
     value so far and its step are kept for the objective.
     """
 
-    def __init__(self, trial: optuna.Trial, metric: str, direction: str, pruner: str) -> None:
+    def __init__(
+        self, trial: optuna.Trial, metric: str, direction: str, pruner: str, guard: bool = True
+    ) -> None:
         self.trial = trial
+        self.guard = guard
         self.metric = metric
         self.maximize = direction == "maximize"
         self.pruner = pruner
@@ -49,9 +85,9 @@ class TrialRecorder(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None and hasattr(loss, "detach"):
-            self._losses.append(float(loss.detach()))
+        loss = step_loss(outputs)
+        if loss is not None:
+            self._losses.append(loss)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -79,6 +115,9 @@ class TrialRecorder(pl.Callback):
         self.history.append(record)
         self.trial.set_user_attr("history", self.history)
         if not math.isfinite(value):
+            if self.guard:
+                reason = f"diverged: {self.metric}={value} at step {step}"
+                raise TrialStopped(reason, step, pruned=True, diverged=True)
             raise ValueError(f"the study metric {self.metric} is {value} at step {step}")
         if self.best is None or (value > self.best if self.maximize else value < self.best):
             self.best, self.best_step, self.best_epoch = value, step, epoch

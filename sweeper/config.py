@@ -51,6 +51,15 @@ class PluginSection(BaseModel):
         return dict(self.model_extra or {})
 
 
+class DivergenceSection(_Section):
+    """The divergence guard: see :class:`sweeper.divergence.DivergenceGuard`."""
+
+    enabled: bool = True
+    factor: float = Field(default=4.0, gt=1.0)
+    patience: int = Field(default=5, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+
+
 class ResourcesSection(_Section):
     devices: Literal["auto", "cpu"] | list[int] = "auto"
     trials_per_device: PositiveInt = 1
@@ -68,6 +77,7 @@ class StudyConfig(_Section):
     search: dict[str, Any]
     sampler: PluginSection = PluginSection(name="tpe")
     pruner: PluginSection = PluginSection(name="median")
+    divergence: DivergenceSection = DivergenceSection()
     resources: ResourcesSection = ResourcesSection()
 
     @property

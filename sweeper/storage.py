@@ -67,6 +67,7 @@ def open_storage(url: str, *, create: bool = False) -> RDBStorage:
                 url,
                 engine_kwargs=engine_kwargs,
                 skip_table_creation=not create,
+                skip_compatibility_check=not create,
                 heartbeat_interval=HEARTBEAT_INTERVAL,
                 grace_period=GRACE_PERIOD,
                 heartbeat_stale_trial_callback=retry_once(),

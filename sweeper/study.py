@@ -62,7 +62,11 @@ def pruner_for(config: StudyConfig) -> optuna.pruners.BasePruner:
 
 
 def _build(
-    config: StudyConfig, section: str, factory: Any, options: dict[str, Any], *args: Any
+    config: StudyConfig,
+    section: str,
+    factory: Any,
+    options: dict[str, Any],
+    *args: Any,
 ) -> Any:
     known = [p for p in inspect.signature(factory).parameters if p not in {"search_space", "self"}]
     for key in options:

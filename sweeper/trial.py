@@ -16,12 +16,13 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from sweeper.callbacks import TrialRecorder, TrialStopped
+from sweeper.callbacks import DivergenceCallback, TrialRecorder, TrialStopped
 from sweeper.config import StudyConfig
 from sweeper.devices import Slot
+from sweeper.divergence import DivergenceGuard
 from sweeper.errors import ConfigError, TaskError
 from sweeper.space import parse_space
-from sweeper.study import claim, claim_lock, load, trial_seed
+from sweeper.study import claim, claim_lock, trial_seed
 from sweeper.tasks import Build
 
 EXIT_TOLD = 0
@@ -72,14 +73,18 @@ def trainer_options(config: StudyConfig, slot: Slot) -> dict[str, Any]:
     }
 
 
-def run_trial(config: StudyConfig, slot: Slot, build: Build, channel: int) -> int:
+def run_trial(
+    config: StudyConfig, slot: Slot, build: Build, study: optuna.Study, channel: int
+) -> int:
     """Claim the next trial, train it and tell the study; returns an exit code.
 
-    The trial's id and number are written to ``channel`` as soon as it exists,
-    so the worker can record its end if this process dies.
+    ``study`` is the worker's, inherited through the fork: its engine has been
+    disposed of without closing the parent's connections, so this process
+    opens its own and keeps the engine's compiled statements. The trial's id
+    and number are written to ``channel`` as soon as it exists, so the worker
+    can record its end if this process dies.
     """
     torch.set_num_threads(slot.threads)
-    study = load(config)
     with claim_lock(config):
         trial = claim(study, config)
         if trial is None:
@@ -92,6 +97,12 @@ def run_trial(config: StudyConfig, slot: Slot, build: Build, channel: int) -> in
     state, value, attrs = _train(config, slot, build, study, trial)
     for key, attr in attrs.items():
         trial.set_user_attr(key, attr)
+    if attrs.get("diverged"):
+        # TPE ranks a pruned trial by how far it got: one that diverged late
+        # would rank above one the median pruner stopped early, and one that
+        # diverged before its first validation has no value at all. As an
+        # infeasible trial it ranks below every feasible one, as it should.
+        trial.set_constraint("diverged", 1.0)
     study.tell(trial, value, state=state)
     return EXIT_TOLD
 
@@ -103,17 +114,24 @@ def _train(
     params = {**space.fixed, **trial.params}
     seed = trial_seed(config.study.seed, trial.number)
     pl.seed_everything(seed, workers=True, verbose=False)
+    guarding = config.divergence.enabled
     recorder = TrialRecorder(
-        trial, config.study.metric, config.study.direction, config.pruner.name
+        trial, config.study.metric, config.study.direction, config.pruner.name, guarding
     )
+    callbacks: list[pl.Callback] = [recorder]
+    if guarding:
+        settings = config.divergence
+        guard = DivergenceGuard(settings.factor, settings.patience, settings.warmup_steps)
+        callbacks.append(DivergenceCallback(guard))
     attrs: dict[str, Any] = {"seed": seed}
     started = time.perf_counter()
+    trainer: pl.Trainer | None = None
     try:
         module, datamodule = _build(build, params)
-        trainer = pl.Trainer(**trainer_options(config, slot), callbacks=[recorder])
+        trainer = pl.Trainer(**trainer_options(config, slot), callbacks=callbacks)
         trainer.fit(module, datamodule=datamodule)
     except TrialStopped as stop:
-        attrs.update(stop_reason=stop.reason, stop_step=stop.step)
+        attrs.update(stop_reason=stop.reason, stop_step=stop.step, diverged=stop.diverged)
         state = TrialState.PRUNED if stop.pruned else TrialState.COMPLETE
     except Exception as exc:  # any error of the user's code fails this trial only
         attrs.update(
@@ -124,6 +142,8 @@ def _train(
         attrs["stop_reason"] = "completed"
         state = TrialState.COMPLETE
     attrs["fit_seconds"] = round(time.perf_counter() - started, 4)
+    if trainer is not None:
+        attrs["steps"] = trainer.global_step
     if recorder.best is not None:
         attrs.update(best_step=recorder.best_step, best_epoch=recorder.best_epoch)
     if state == TrialState.COMPLETE:

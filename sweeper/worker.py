@@ -54,6 +54,7 @@ class Worker:
         self.build = load_task(config)
         import sweeper.trial  # noqa: F401 - warm: torch and Lightning imported once
 
+        _quiet()  # after the imports: Lightning sets its loggers' levels on import
         self.study = studies.load(config)
         self.stopping = False
 
@@ -110,7 +111,7 @@ class Worker:
         _die_with_parent(signal.SIGKILL)
         # The parent's connections belong to the parent: drop them unclosed.
         backend(self.study).engine.dispose(close=False)
-        return run_trial(self.config, self.slot, self.build, channel)
+        return run_trial(self.config, self.slot, self.build, self.study, channel)
 
     def _watch(self, child: TrialProcess) -> int:
         """Wait for the child, beating the trial's heartbeat and enforcing the time limit."""
@@ -188,8 +189,9 @@ def _die_with_parent(sig: signal.Signals) -> None:
 
 def _quiet() -> None:
     """Silence Lightning's console output; the study records what matters."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("lightning", "pytorch_lightning")):
+            logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -203,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n-trials", type=int, default=None)
     args = parser.parse_args(argv)
-    _quiet()
     _die_with_parent(signal.SIGTERM)
     slot = Slot(index=args.slot, gpu=args.gpu, threads=args.threads)
     try:

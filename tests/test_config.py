@@ -86,6 +86,14 @@ CASES = {
         study(sampler={"name": "grid"}, search={"lr": {"low": 0.1, "high": 1.0}}),
         ["search.lr: the grid sampler needs a finite set of values"],
     ),
+    "divergence factor too small": (
+        study(divergence={"factor": 1.0}),
+        ["divergence.factor:", "greater than 1"],
+    ),
+    "divergence key misspelt": (
+        study(divergence={"patients": 3}),
+        ["divergence.patients: unknown key; did you mean 'patience'?"],
+    ),
     "bad devices": (study(resources={"devices": "gpu"}), ["resources.devices: must be"]),
     "missing GPU": (
         study(resources={"devices": [3]}),

@@ -302,3 +302,49 @@ def test_eight_writers_and_a_reader_on_one_sqlite_file(study_dir: StudyDir) -> N
     assert len({t.user_attrs["slot"] for t in trials}) == 8
     logs = "".join(p.read_text() for p in (study_dir.root / "tiny" / "logs").glob("*.log"))
     assert "database is locked" not in logs
+
+
+def test_diverging_trials_are_pruned_within_a_few_steps(study_dir: StudyDir) -> None:
+    search = {"lr": {"low": 0.01, "high": 1000.0, "log": True}}
+    common = {
+        "study": {"n_trials": 8},
+        "search": search,
+        "pruner": {"name": "none"},
+        "sampler": {"name": "random"},
+        "trainer": {"max_epochs": 3},
+    }
+    path = study_dir.write(study(**common))
+    result = run_sweeper("start", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = load(study_dir).get_trials()
+    diverged = [t for t in trials if t.user_attrs.get("diverged")]
+    assert diverged, "lr up to 1000 with SGD diverges"
+    for trial in diverged:
+        assert trial.state == TrialState.PRUNED
+        assert trial.user_attrs["stop_reason"].startswith("diverged: loss=")
+        assert trial.user_attrs["stop_step"] <= 12
+        assert trial.constraints == {"diverged": 1.0}
+        assert f"trial {trial.number} pruned: diverged: loss=" in result.stdout
+    assert not [t for t in trials if t.state == TrialState.FAIL]
+    assert finished(trials) == 8
+    full = max(t.user_attrs["steps"] for t in trials)
+    assert all(t.user_attrs["steps"] == full for t in trials if not t.user_attrs.get("diverged"))
+
+    off = study_dir.write(
+        study(
+            **{**common, "study": {"name": "off", "n_trials": 8}}, divergence={"enabled": False}
+        ),
+        name="off.toml",
+    )
+    result = run_sweeper("start", str(off))
+    assert result.returncode == 0, result.stdout + result.stderr
+    unguarded = optuna.load_study(
+        study_name="off", storage=f"sqlite:///{study_dir.root / 'off.db'}"
+    )
+    assert [t.params for t in unguarded.trials] == [t.params for t in trials], (
+        "same seed, same lrs"
+    )
+    assert not [t for t in unguarded.trials if t.user_attrs.get("diverged")]
+    assert all(
+        t.user_attrs["steps"] == full for t in unguarded.trials if t.state == TrialState.COMPLETE
+    )
