@@ -32,10 +32,16 @@ def step_loss(outputs: Any) -> float | None:
 
 
 class DivergenceCallback(pl.Callback):
-    """Stops the trial at the optimizer step where its loss is seen to diverge."""
+    """Feeds the guard the loss of every optimizer step and stops a diverging trial.
 
-    def __init__(self, guard: DivergenceGuard) -> None:
+    With ``stop`` off it only watches: ``onset`` still tells where the loss
+    diverged, so a sweep without the guard can be compared with one that has it.
+    """
+
+    def __init__(self, guard: DivergenceGuard, stop: bool = True) -> None:
         self.guard = guard
+        self.stop = stop
+        self.onset: int | None = None
 
     def on_train_batch_end(
         self,
@@ -46,11 +52,14 @@ class DivergenceCallback(pl.Callback):
         batch_idx: int,
     ) -> None:
         loss = step_loss(outputs)
-        if loss is None:
+        if loss is None or self.onset is not None:
             return
         step = trainer.global_step
         reason = self.guard.step(step, loss)
-        if reason is not None:
+        if reason is None:
+            return
+        self.onset = step if self.guard.onset is None else self.guard.onset
+        if self.stop:
             raise TrialStopped(reason, step, pruned=True, diverged=True)
 
 

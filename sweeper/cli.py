@@ -86,6 +86,38 @@ def check(study_file: StudyFile, debug: Debug = False) -> None:
     _say(f"{config.path}: ok; {len(slots)} slot(s) on {devices}")
 
 
+@app.command("lr-find")
+@handles_errors
+def lr_find(
+    study_file: StudyFile,
+    write: Annotated[
+        bool, typer.Option("--write", help="Put the suggested range into the study file.")
+    ] = False,
+    steps: Annotated[int, typer.Option("--steps", min=10, help="Training steps to test.")] = 100,
+    debug: Debug = False,
+) -> None:
+    """Run a learning-rate range test and suggest the learning-rate range to search."""
+    from sweeper.lrfind import run_range_test, table, write_range
+
+    config = load_config(study_file)
+    test = run_range_test(config, steps)
+    _say(f"{'learning rate':>14}  loss")
+    for lr, loss in table(test):
+        _say(f"{lr:>14.3g}  {loss:.4g}")
+    if test.diverges_at is not None:
+        _say(f"the loss diverges from {test.name} = {test.diverges_at:.3g}")
+    else:
+        _say(f"the loss did not diverge up to {test.name} = {test.lrs[-1]:.3g}")
+    if test.steepest is not None:
+        _say(f"steepest descent at {test.name} = {test.steepest:.3g}")
+    suggestion = f"{test.name} = {{ low = {test.low:g}, high = {test.high:g}, log = true }}"
+    if write:
+        write_range(config.path, test.name, test.low, test.high)
+        _say(f"{config.path}: [search] {suggestion}")
+    else:
+        _say(f"suggested: {suggestion}  (--write puts it into {config.path})")
+
+
 @app.command()
 @handles_errors
 def best(

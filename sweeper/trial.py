@@ -118,16 +118,17 @@ def _train(
     recorder = TrialRecorder(
         trial, config.study.metric, config.study.direction, config.pruner.name, guarding
     )
-    callbacks: list[pl.Callback] = [recorder]
-    if guarding:
-        settings = config.divergence
-        guard = DivergenceGuard(settings.factor, settings.patience, settings.warmup_steps)
-        callbacks.append(DivergenceCallback(guard))
+    settings = config.divergence
+    watcher = DivergenceCallback(
+        DivergenceGuard(settings.factor, settings.patience, settings.warmup_steps),
+        stop=guarding,
+    )
+    callbacks: list[pl.Callback] = [recorder, watcher]
     attrs: dict[str, Any] = {"seed": seed}
     started = time.perf_counter()
     trainer: pl.Trainer | None = None
     try:
-        module, datamodule = _build(build, params)
+        module, datamodule = build_task(build, params)
         trainer = pl.Trainer(**trainer_options(config, slot), callbacks=callbacks)
         trainer.fit(module, datamodule=datamodule)
     except TrialStopped as stop:
@@ -144,6 +145,8 @@ def _train(
     attrs["fit_seconds"] = round(time.perf_counter() - started, 4)
     if trainer is not None:
         attrs["steps"] = trainer.global_step
+    if watcher.onset is not None:
+        attrs["divergence_onset"] = watcher.onset
     if recorder.best is not None:
         attrs.update(best_step=recorder.best_step, best_epoch=recorder.best_epoch)
     if state == TrialState.COMPLETE:
@@ -157,7 +160,7 @@ def _train(
     return state, None, attrs
 
 
-def _build(build: Build, params: dict[str, Any]) -> tuple[pl.LightningModule, Any]:
+def build_task(build: Build, params: dict[str, Any]) -> tuple[pl.LightningModule, Any]:
     built = build(dict(params))
     if not (isinstance(built, tuple) and len(built) == 2):
         raise TaskError(
