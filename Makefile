@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-QUICKSTART ?= studies/digits.toml
+QUICKSTART ?= studies/quickstart.toml
 
 .PHONY: install quickstart test lint
 

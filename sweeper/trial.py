@@ -59,9 +59,16 @@ def check_trainer_options(config: StudyConfig) -> None:
             )
 
 
-def trainer_options(config: StudyConfig, slot: Slot) -> dict[str, Any]:
-    """Trainer arguments: sweeper's quiet defaults, then ``[trainer]``, then the device."""
-    return {
+def trainer_options(
+    config: StudyConfig, slot: Slot, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Trainer arguments: sweeper's quiet defaults, then ``[trainer]``, then the device.
+
+    A ``max_epochs`` param (sampled or fixed) overrides ``[trainer] max_epochs``.
+    On a GPU that supports bf16, training runs in bf16 mixed precision unless
+    ``[trainer] precision`` says otherwise; on the CPU, in fp32.
+    """
+    options: dict[str, Any] = {
         "enable_checkpointing": False,
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
@@ -71,6 +78,15 @@ def trainer_options(config: StudyConfig, slot: Slot) -> dict[str, Any]:
         "logger": False,
         "enable_progress_bar": False,
     }
+    if params and params.get("max_epochs") is not None:
+        options["max_epochs"] = int(params["max_epochs"])
+    if slot.gpu is not None and "precision" not in config.trainer and _bf16_supported():
+        options["precision"] = "bf16-mixed"
+    return options
+
+
+def _bf16_supported() -> bool:
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def run_trial(
@@ -129,7 +145,7 @@ def _train(
     trainer: pl.Trainer | None = None
     try:
         module, datamodule = build_task(build, params)
-        trainer = pl.Trainer(**trainer_options(config, slot), callbacks=callbacks)
+        trainer = pl.Trainer(**trainer_options(config, slot, params), callbacks=callbacks)
         trainer.fit(module, datamodule=datamodule)
     except TrialStopped as stop:
         attrs.update(stop_reason=stop.reason, stop_step=stop.step, diverged=stop.diverged)

@@ -177,7 +177,7 @@ def test_killed_trial_is_failed_and_retried_with_its_params(study_dir: StudyDir)
     path = study_dir.write(
         study(
             study={"n_trials": 4},
-            search={"lr": {"low": 0.01, "high": 0.1}, "sleep": 0.05},
+            search={"lr": {"low": 0.01, "high": 0.1}, "sleep": 0.2},
         )
     )
     sweep = subprocess.Popen(
@@ -202,7 +202,7 @@ def test_resume_after_kill_9_of_the_whole_run(study_dir: StudyDir) -> None:
     path = study_dir.write(
         study(
             study={"n_trials": 6},
-            search={"lr": {"low": 0.01, "high": 0.1}, "sleep": 0.03},
+            search={"lr": {"low": 0.01, "high": 0.1}, "sleep": 0.1},
         )
     )
     sweep = subprocess.Popen(
@@ -239,7 +239,7 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_finishes(study_dir: StudyDir) -> None:
     path = study_dir.write(
         study(
             study={"n_trials": 4},
-            search={"lr": {"low": 0.01, "high": 0.1}, "sleep": 0.05},
+            search={"lr": {"low": 0.01, "high": 0.1}, "sleep": 0.2},
         )
     )
     sweep = subprocess.Popen(

@@ -13,8 +13,8 @@ from sweeper.errors import ConfigError, TaskError
 Build = Callable[[dict[str, Any]], tuple[Any, Any]]
 """A task: ``build(params) -> (LightningModule, LightningDataModule)``."""
 
-BUILTIN: dict[str, str] = {}
-"""Built-in task names and the ``module:function`` that implements each."""
+BUILTIN: dict[str, str] = {"text-classification": "sweeper.tasks.text_classification:prepare"}
+"""Built-in tasks: name -> ``module:function`` that takes the config and returns ``build``."""
 
 
 def load_task(config: StudyConfig) -> Build:
@@ -24,7 +24,11 @@ def load_task(config: StudyConfig) -> Build:
     and tokenizing data), so a worker does it once for all its trials.
     """
     name = config.task.name
-    target = BUILTIN.get(name, name)
+    if name in BUILTIN:
+        module_name, function_name = BUILTIN[name].split(":")
+        prepare = getattr(importlib.import_module(module_name), function_name)
+        return prepare(config)
+    target = name
     where = f"{config.path}: task.name"
     if target.count(":") != 1:
         known = ", ".join(sorted(BUILTIN)) or "none yet"
@@ -32,7 +36,7 @@ def load_task(config: StudyConfig) -> Build:
             f"{where}: {name!r} is neither 'module:function' nor a built-in task "
             f"(built-in: {known})"
         )
-    if name not in BUILTIN and config.task.options:
+    if config.task.options:
         key = next(iter(config.task.options))
         raise ConfigError(
             f"{config.path}: task.{key}: unknown key; a 'module:function' task takes its "

@@ -1,0 +1,242 @@
+"""The built-in ``text-classification`` task: fine-tune a local transformer encoder.
+
+Everything that does not depend on params happens once per worker, in
+:func:`prepare`: the options are checked, the rows read, the tokenizer loaded
+and the texts tokenized into NumPy arrays (no torch operation, so trial
+processes can be forked safely). Each trial loads the model and trains it.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sweeper.config import StudyConfig
+from sweeper.errors import ConfigError, DataError
+
+DEFAULTS: dict[str, Any] = {
+    "learning_rate": 5e-5,
+    "batch_size": 32,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.0,
+    "dropout": None,
+    "freeze_layers": 0,
+    "layer_lr_decay": 1.0,
+    "max_epochs": None,
+}
+"""Searchable parameters and their defaults (None: the model's own, or [trainer]'s)."""
+
+_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class TextOptions(BaseModel):
+    """``[task]`` of the text-classification task."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    model: str
+    train: str
+    val: str
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = Field(default=128, ge=2, le=4096)
+    labels: list[str] | None = None
+
+
+class TextData:
+    """Tokenized splits as NumPy arrays, and the label names."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        labels: list[str],
+        train: dict[str, np.ndarray],
+        val: dict[str, np.ndarray],
+    ) -> None:
+        self.model_dir = model_dir
+        self.labels = labels
+        self.train = train
+        self.val = val
+
+
+def prepare(config: StudyConfig) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
+    """Check options, read and tokenize the data once; return the task's ``build``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    options = _options(config)
+    _check_params(config)
+    model_dir = _model_dir(config, options.model)
+    tokenizer = _tokenizer(config, model_dir)
+    train_rows = _rows(config, "train", options.train)
+    val_rows = _rows(config, "val", options.val)
+    labels = options.labels or sorted(
+        {_label(config, "train", r, i, options) for i, r in enumerate(train_rows, 1)}
+    )
+    data = TextData(
+        model_dir,
+        labels,
+        _encode(config, "train", train_rows, tokenizer, labels, options),
+        _encode(config, "val", val_rows, tokenizer, labels, options),
+    )
+
+    def build(params: dict[str, Any]) -> tuple[Any, Any]:
+        from sweeper.tasks._text_model import build_text_task
+
+        return build_text_task(data, {**DEFAULTS, **params})
+
+    return build
+
+
+def _options(config: StudyConfig) -> TextOptions:
+    try:
+        return TextOptions.model_validate({"name": config.task.name, **config.task.options})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "extra_forbidden":
+            known = ", ".join(f for f in TextOptions.model_fields if f != "name")
+            raise ConfigError(f"{config.path}: task.{key}: unknown key; known: {known}") from None
+        if error["type"] == "missing":
+            raise ConfigError(f"{config.path}: task.{key}: required key is missing") from None
+        raise ConfigError(f"{config.path}: task.{key}: {error['msg']}") from None
+
+
+def _check_params(config: StudyConfig) -> None:
+    for name in config.search:
+        if name not in DEFAULTS:
+            raise ConfigError(
+                f"{config.path}: search.{name}: not a parameter of text-classification; "
+                f"known: {', '.join(DEFAULTS)}"
+            )
+
+
+def _resolve(config: StudyConfig, key: str, value: str) -> Any:
+    """A ``module:function`` reference is called; anything else is a path."""
+    if not _REFERENCE.match(value):
+        path = Path(value)
+        return path if path.is_absolute() else config.folder / path
+    module_name, function_name = value.split(":")
+    folder = str(config.folder)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+        return function()
+    except Exception as exc:  # a user's function can raise anything
+        raise DataError(
+            f"{config.path}: task.{key}: {value} failed: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _model_dir(config: StudyConfig, value: str) -> Path:
+    folder = Path(_resolve(config, "model", value))
+    if not folder.is_dir():
+        raise ConfigError(f"{config.path}: task.model: no such folder: {folder}")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{config.path}: task.model: {folder} is not a transformers model folder "
+            "(no config.json)"
+        )
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # transformers raises many kinds
+        raise ConfigError(f"{config.path}: task.model: {folder}: {exc}") from None
+    return folder
+
+
+def _tokenizer(config: StudyConfig, folder: Path) -> Any:
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # transformers raises many kinds
+        raise ConfigError(
+            f"{config.path}: task.model: no usable tokenizer in {folder}: {exc}"
+        ) from None
+
+
+def _rows(config: StudyConfig, key: str, value: str) -> list[dict[str, Any]]:
+    source = _resolve(config, key, value)
+    if not isinstance(source, Path):
+        rows = list(source)
+        where = f"{config.path}: task.{key}: {value}"
+    else:
+        where = str(source)
+        if not source.is_file():
+            raise DataError(f"{config.path}: task.{key}: no such file: {source}")
+        rows = _read_file(source)
+    if not rows:
+        raise DataError(f"{where}: no rows")
+    if not all(isinstance(row, dict) for row in rows):
+        raise DataError(f"{where}: rows must be mappings of column to value")
+    return rows
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in {".jsonl", ".json"}:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not a JSON object: {exc.msg}") from None
+        return rows
+    return list(csv.DictReader(text.splitlines()))
+
+
+def _label(
+    config: StudyConfig, split: str, row: dict[str, Any], number: int, options: TextOptions
+) -> str:
+    for column in (options.text_column, options.label_column):
+        if column not in row:
+            raise DataError(
+                f"{config.path}: task.{split}: row {number} has no column {column!r} "
+                f"(columns: {', '.join(map(str, row))})"
+            )
+    return str(row[options.label_column])
+
+
+def _encode(
+    config: StudyConfig,
+    split: str,
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    labels: list[str],
+    options: TextOptions,
+) -> dict[str, np.ndarray]:
+    index = {label: i for i, label in enumerate(labels)}
+    targets = []
+    for number, row in enumerate(rows, 1):
+        label = _label(config, split, row, number, options)
+        if label not in index:
+            raise DataError(
+                f"{config.path}: task.{split}: row {number} has label {label!r}, which the "
+                f"training data does not have (labels: {', '.join(labels)})"
+            )
+        targets.append(index[label])
+    encoded = tokenizer(
+        [str(row[options.text_column]) for row in rows],
+        max_length=options.max_length,
+        truncation=True,
+        padding="max_length",
+        return_tensors="np",
+    )
+    result = {name: np.asarray(encoded[name]) for name in ("input_ids", "attention_mask")}
+    result["labels"] = np.asarray(targets, dtype=np.int64)
+    return result
