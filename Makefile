@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 QUICKSTART ?= studies/quickstart.toml
 
-.PHONY: install quickstart test lint
+.PHONY: install quickstart test lint browser
 
 $(BIN)/sweeper: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +28,11 @@ lint: install
 	$(BIN)/ruff format --check sweeper tests bench studies
 	$(BIN)/mypy
 
-test: lint
+# Page tests drive Debian's Chromium through Playwright (its own browser
+# download is not used); installing the package needs root.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: lint browser
 	$(BIN)/pytest

@@ -1,6 +1,6 @@
 """Compute saved by the divergence guard, against no pruning and Optuna's pruners.
 
-The same sweep (digits MLP, SGD with momentum, lr up to 10, TPE with the same
+The same sweep (digits MLP with tanh, SGD with momentum, lr up to 10, TPE with the same
 seed) runs under five settings, over several seeds. Every trial records where
 its loss diverged (``divergence_onset``), also when the guard only watches.
 
@@ -48,6 +48,7 @@ lr = {{ low = 1e-3, high = 10.0, log = true }}
 hidden = {{ low = 16, high = 128, step = 16 }}
 dropout = {{ low = 0.0, high = 0.5 }}
 optimizer = "sgd"
+activation = "tanh"
 batch_size = 64
 
 [sampler]

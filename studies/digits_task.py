@@ -1,5 +1,9 @@
 """An MLP on scikit-learn's handwritten digits: a small task that trains in seconds.
 
+With ReLU a too large learning rate kills the network (the loss spikes, then
+sits at chance); with ``activation = "tanh"`` it diverges (the loss explodes
+and stays up), which is what the divergence benchmark needs.
+
 The data is read once, at import, as NumPy arrays; tensors are made per trial.
 """
 
@@ -40,11 +44,14 @@ class DigitsData(pl.LightningDataModule):
 
 
 class DigitsMLP(pl.LightningModule):
-    def __init__(self, lr: float, hidden: int, dropout: float, optimizer: str) -> None:
+    def __init__(
+        self, lr: float, hidden: int, dropout: float, optimizer: str, activation: str = "relu"
+    ) -> None:
         super().__init__()
         self.lr, self.optimizer_name = lr, optimizer
+        act = nn.Tanh() if activation == "tanh" else nn.ReLU()
         self.net = nn.Sequential(
-            nn.Linear(64, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 10)
+            nn.Linear(64, hidden), act, nn.Dropout(dropout), nn.Linear(hidden, 10)
         )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -67,5 +74,11 @@ class DigitsMLP(pl.LightningModule):
 
 def build(params: dict[str, Any]) -> tuple[DigitsMLP, DigitsData]:
     """The task contract: params in, (LightningModule, LightningDataModule) out."""
-    model = DigitsMLP(params["lr"], params["hidden"], params["dropout"], params["optimizer"])
+    model = DigitsMLP(
+        params["lr"],
+        params["hidden"],
+        params["dropout"],
+        params["optimizer"],
+        params.get("activation", "relu"),
+    )
     return model, DigitsData(params["batch_size"])

@@ -72,6 +72,7 @@ def start(
     _print_best(outcome.summary)
     if outcome.best_file is not None:
         _say(f"best configuration written to {outcome.best_file}")
+    _say(f"report written to {outcome.report_file}")
 
 
 @app.command()
@@ -84,6 +85,40 @@ def check(study_file: StudyFile, debug: Debug = False) -> None:
     slots = validate(config)
     devices = ", ".join(sorted({slot.device for slot in slots}))
     _say(f"{config.path}: ok; {len(slots)} slot(s) on {devices}")
+
+
+@app.command()
+@handles_errors
+def report(
+    study_file: StudyFile,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Default: <folder>/<name>/report.html.")
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Write the study's report: one self-contained HTML file of charts."""
+    from sweeper.report import write_report
+    from sweeper.study import load
+
+    config = load_config(study_file)
+    _say(f"report written to {write_report(config, load(config), output)}")
+
+
+@app.command()
+@handles_errors
+def dashboard(
+    study_file: StudyFile,
+    host: Annotated[str, typer.Option(help="Address to bind; loopback by default.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
+    debug: Debug = False,
+) -> None:
+    """Serve optuna-dashboard on the study's storage."""
+    from sweeper.dashboard import serve
+    from sweeper.study import load
+
+    config = load_config(study_file)
+    load(config)  # a clear error when there is no study yet
+    serve(config, host, port, lambda line: err.print(line, markup=False))
 
 
 @app.command("lr-find")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,9 @@ from sweeper.config import StudyConfig
 from sweeper.devices import Slot, count_cpus, count_gpus, plan_slots
 from sweeper.errors import DeviceError
 
+PUBLISH_EVERY = 10.0
+"""Seconds between refreshes of the charts the dashboard shows, while trials finish."""
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -19,6 +23,7 @@ class Outcome:
 
     summary: dict[str, Any]
     best_file: Path | None
+    report_file: Path
     recovered: list[int]
 
 
@@ -53,8 +58,10 @@ def start(
 ) -> Outcome:
     """Run the study to ``n_trials`` finished trials on every slot; return the best."""
     from sweeper.best import summary, write_best_toml
+    from sweeper.dashboard import publish
     from sweeper.launcher import Sweep
     from sweeper.progress import EventLog
+    from sweeper.report import write_report
     from sweeper.storage import mask_url
     from sweeper.study import create_or_resume, recover_orphans, systematic_failure
 
@@ -71,9 +78,15 @@ def start(
     events = EventLog(config.study.metric, config.study.direction == "maximize", emit)
     sweep = Sweep(config.path, slots, config.output_dir / "logs", n_trials=n_trials)
 
+    published = [0.0, 0]
+
     def tick() -> str | None:
         trials = study.get_trials(deepcopy=False)
         events.update(trials)
+        finished = sum(t.state.is_finished() for t in trials)
+        if finished != published[1] and time.monotonic() - published[0] > PUBLISH_EVERY:
+            publish(config, study)
+            published[:] = [time.monotonic(), finished]
         return systematic_failure(study)
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -88,8 +101,9 @@ def start(
         signal.signal(signal.SIGTERM, previous)
         if sweep.processes:
             sweep.stop()
+    publish(config, study)
     data = summary(config, study)
-    return Outcome(data, write_best_toml(config, data), recovered)
+    return Outcome(data, write_best_toml(config, data), write_report(config, study), recovered)
 
 
 def _interrupt(signum: int, frame: object) -> None:

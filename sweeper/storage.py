@@ -44,13 +44,15 @@ def retry_once() -> RetryHeartbeatStaleTrialCallback:
         return RetryHeartbeatStaleTrialCallback(max_retry=1)
 
 
-def open_storage(url: str, *, create: bool = False) -> RDBStorage:
+def open_storage(url: str, *, create: bool = False, writer: bool = True) -> RDBStorage:
     """Open the study storage; with ``create`` a missing SQLite file is made.
 
-    SQLite runs in WAL mode with a busy timeout, and every transaction takes
-    the write lock up front (``BEGIN IMMEDIATE``): a deferred transaction that
-    upgrades from reading to writing fails at once with "database is locked"
-    when another writer got in first, whatever the timeout.
+    SQLite runs in WAL mode with a busy timeout, and a writer's transactions
+    take the write lock up front (``BEGIN IMMEDIATE``): a deferred transaction
+    that upgrades from reading to writing fails at once with "database is
+    locked" when another writer got in first, whatever the timeout. A reader
+    (``writer=False``, the dashboard) keeps deferred transactions, so its
+    reads never hold the write lock.
     """
     path = sqlite_path(url)
     engine_kwargs: dict[str, Any] = {}
@@ -74,7 +76,7 @@ def open_storage(url: str, *, create: bool = False) -> RDBStorage:
             )
     except Exception as exc:  # SQLAlchemy and driver errors vary by backend
         raise StorageError(f"cannot open study storage {mask_url(url)}: {exc}") from None
-    if path is not None:
+    if path is not None and writer:
         from sqlalchemy import event
 
         event.listen(storage.engine, "begin", _begin_immediate)

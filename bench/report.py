@@ -1,0 +1,102 @@
+"""Time to build the report of a large study (synthetic trials written straight to storage).
+
+python bench/report.py [--trials 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+
+from sweeper.config import parse_config
+from sweeper.report import build_report
+
+STUDY = {
+    "study": {"name": "big", "direction": "maximize", "metric": "val_acc", "n_trials": 10},
+    "task": {"name": "unused:build"},
+    "search": {
+        "lr": {"low": 1e-5, "high": 10.0, "log": True},
+        "hidden": {"low": 16, "high": 256, "step": 16},
+        "optimizer": {"choices": ["sgd", "adam"]},
+    },
+}
+DISTRIBUTIONS = {
+    "lr": FloatDistribution(1e-5, 10.0, log=True),
+    "hidden": IntDistribution(16, 256, step=16),
+    "optimizer": CategoricalDistribution(["sgd", "adam"]),
+}
+
+
+def synthetic(n: int, seed: int = 0) -> list[optuna.trial.FrozenTrial]:
+    """Trials like a real sweep's: curves of 10 validations, some pruned or diverged."""
+    rng = np.random.default_rng(seed)
+    trials = []
+    for _ in range(n):
+        lr = float(math.exp(rng.uniform(math.log(1e-5), math.log(10.0))))
+        params = {
+            "lr": lr,
+            "hidden": int(rng.integers(1, 17)) * 16,
+            "optimizer": str(rng.choice(["sgd", "adam"])),
+        }
+        quality = 0.95 - 0.1 * abs(math.log10(lr) + 2.5)
+        kind = "diverged" if lr > 1.0 else str(rng.choice(["complete", "pruned"], p=[0.6, 0.4]))
+        steps = 3 if kind == "diverged" else (10 if kind == "complete" else 4)
+        curve = {
+            100 * (s + 1): float(quality * (1 - math.exp(-(s + 1) / 3))) for s in range(steps)
+        }
+        history = [
+            {"step": s, "epoch": i, "val_acc": v, "val_loss": 1 - v, "train_loss": 0.9 - v}
+            for i, (s, v) in enumerate(curve.items())
+        ]
+        attrs = {
+            "history": history,
+            "steps": max(curve),
+            "fit_seconds": 0.01 * max(curve),
+            "best_step": max(curve, key=curve.get),
+        }
+        if kind == "diverged":
+            attrs.update(divergence_onset=250, stop_reason="diverged: loss=nan at step 255")
+        trials.append(
+            create_trial(
+                state=TrialState.COMPLETE if kind == "complete" else TrialState.PRUNED,
+                value=max(curve.values()) if kind == "complete" else None,
+                params=params,
+                distributions=DISTRIBUTIONS,
+                user_attrs=attrs,
+                intermediate_values=curve,
+            )
+        )
+    return trials
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=10_000)
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "big.toml"
+        config = parse_config(STUDY, path)
+        study = optuna.create_study(
+            study_name="big", storage=config.storage_url, direction="maximize"
+        )
+        study.add_trials(synthetic(args.trials))
+        started = time.perf_counter()
+        loaded = optuna.load_study(study_name="big", storage=config.storage_url)
+        text = build_report(config, loaded)
+        elapsed = time.perf_counter() - started
+    print("| trials | report build s (storage read included) | HTML MB |")
+    print("|---|---|---|")
+    print(f"| {args.trials:,} | {elapsed:.2f} | {len(text) / 1e6:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

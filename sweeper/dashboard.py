@@ -1,0 +1,85 @@
+"""optuna-dashboard on the study's storage, and what sweeper shows in it.
+
+The dashboard reads the same storage as running sweeps. On SQLite it opens
+its own connections in WAL mode, where readers never block writers, so a
+sweep does not fail because someone watches it.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from collections.abc import Callable
+
+import optuna
+
+from sweeper.config import StudyConfig
+from sweeper.errors import SweeperError
+from sweeper.storage import open_storage
+
+LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with a clear message when the address is taken or cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise DashboardError(
+                    f"port {port} on {host} is in use; pick another with --port"
+                ) from None
+            raise DashboardError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
+
+
+class DashboardError(SweeperError):
+    """The dashboard cannot be served as asked."""
+
+    exit_code = 2
+
+
+def serve(config: StudyConfig, host: str, port: int, warn: Callable[[str], None]) -> None:
+    """Serve optuna-dashboard until interrupted."""
+    import optuna_dashboard
+
+    storage = open_storage(config.storage_url, writer=False)
+    check_port(host, port)
+    if not is_loopback(host):
+        warn(
+            f"warning: serving on {host}, beyond this machine; the dashboard has no "
+            "authentication, so anyone who can reach the port can read and change the study"
+        )
+    warn(f"dashboard of {config.study.name!r} on http://{host}:{port}/ (Ctrl-C stops it)")
+    optuna_dashboard.run_server(storage, host=host, port=port)
+
+
+def publish(config: StudyConfig, study: optuna.Study) -> None:
+    """Save sweeper's charts into the study, where optuna-dashboard shows them.
+
+    The curves of accuracy, precision, recall and F1 of the best trial, and the
+    learning curves of all trials coloured by outcome. Each has a fixed id, so
+    publishing again replaces it.
+    """
+    import optuna_dashboard
+
+    from sweeper.report import best_curves, learning_curves
+
+    trials = study.get_trials(deepcopy=False)
+    figures = {"sweeper-learning-curves": learning_curves(config, trials)}
+    best = best_curves(config, study)
+    if best is not None:
+        figures["sweeper-best-metrics"] = best
+    for graph_id, figure in figures.items():
+        optuna_dashboard.save_plotly_graph_object(study, figure, graph_object_id=graph_id)

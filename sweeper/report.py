@@ -1,0 +1,299 @@
+"""The study as one self-contained HTML file of plotly charts (plotly.js inlined)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import html
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper.config import StudyConfig
+
+OUTCOME_COLOURS = {
+    "complete": "#1f77b4",
+    "pruned": "#ff7f0e",
+    "diverged": "#d62728",
+    "failed": "#7f7f7f",
+}
+TOP_K = 5
+MAX_LINES = 2000
+"""Learning curves drawn at most; a larger study shows an even sample of its trials."""
+
+
+def outcome(trial: FrozenTrial) -> str:
+    """complete, pruned, diverged or failed."""
+    if trial.state == TrialState.COMPLETE:
+        return "complete"
+    if trial.state == TrialState.PRUNED:
+        return "diverged" if "divergence_onset" in trial.user_attrs else "pruned"
+    return "failed"
+
+
+def compute(trials: Sequence[FrozenTrial]) -> dict[str, float]:
+    """Optimizer steps and device-seconds spent, and steps saved by stopping trials early.
+
+    A trial stopped early saved the steps a complete trial ran and it did not.
+    """
+    finished = [t for t in trials if t.state.is_finished()]
+    full = max(
+        (t.user_attrs.get("steps", 0) for t in finished if t.state == TrialState.COMPLETE),
+        default=0,
+    )
+    steps = sum(t.user_attrs.get("steps", 0) for t in finished)
+    saved = sum(
+        max(0, full - t.user_attrs.get("steps", 0))
+        for t in finished
+        if t.state == TrialState.PRUNED
+    )
+    seconds = sum(t.user_attrs.get("fit_seconds", 0.0) for t in finished)
+    return {
+        "steps": steps,
+        "saved_steps": saved,
+        "device_seconds": seconds,
+        "saved_share": saved / (steps + saved) if steps + saved else 0.0,
+    }
+
+
+def build_report(config: StudyConfig, study: optuna.Study) -> str:
+    """The HTML text of the report."""
+    from plotly.offline import get_plotlyjs
+
+    trials = study.get_trials(deepcopy=False)
+    sections = [_summary(config, study, trials)]
+    for title, figure in _figures(config, study, trials):
+        body = figure.to_html(
+            full_html=False, include_plotlyjs=False, config={"displaylogo": False}
+        )
+        sections.append(f'<section class="chart"><h2>{html.escape(title)}</h2>{body}</section>')
+    name = html.escape(config.study.name)
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>sweeper report: {name}</title>"
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "text-align:left}section{margin-bottom:2em}</style>"
+        f"<script>{get_plotlyjs()}</script></head><body>"
+        f"<h1>Study {name}</h1>{''.join(sections)}</body></html>"
+    )
+
+
+def write_report(config: StudyConfig, study: optuna.Study, path: Path | None = None) -> Path:
+    """Write the report atomically; default ``<folder>/<name>/report.html``."""
+    path = path or config.output_dir / "report.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(build_report(config, study), encoding="utf-8")
+    os.replace(partial, path)
+    return path
+
+
+def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTrial]) -> str:
+    counts = {name: 0 for name in OUTCOME_COLOURS}
+    for trial in trials:
+        if trial.state.is_finished():
+            counts[outcome(trial)] += 1
+    spent = compute(trials)
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    duration = (max(ends) - min(starts)) if starts and ends else dt.timedelta(0)
+    rows = [
+        ("metric", f"{config.study.metric} ({config.study.direction})"),
+        ("trials", ", ".join(f"{n} {name}" for name, n in counts.items())),
+        ("duration", str(duration).split(".")[0]),
+        (
+            "compute spent",
+            f"{spent['steps']:,} optimizer steps, {spent['device_seconds']:,.0f} device-seconds",
+        ),
+        (
+            "saved by stopping early",
+            f"{spent['saved_steps']:,} steps ({100 * spent['saved_share']:.0f} %)",
+        ),
+    ]
+    best = _best(study)
+    if best is not None:
+        rows.insert(0, ("best value", f"{best.value:.6g} (trial {best.number})"))
+        rows.insert(
+            1, ("best params", ", ".join(f"{k} = {_short(v)}" for k, v in best.params.items()))
+        )
+    cells = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows
+    )
+    return f'<section id="summary"><h2>Summary</h2><table>{cells}</table></section>'
+
+
+def _best(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _figures(
+    config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTrial]
+) -> list[tuple[str, Any]]:
+    import plotly.graph_objects as go
+    from optuna import visualization as vis
+
+    finished = [t for t in trials if t.state.is_finished()]
+    complete = [t for t in finished if t.state == TrialState.COMPLETE]
+    figures: list[tuple[str, Any]] = []
+    if complete:
+        figures.append(("Optimization history", vis.plot_optimization_history(study)))
+    figures.append(("Learning curves", learning_curves(config, finished)))
+    if len(complete) >= 2 and len(complete[0].distributions) >= 1:
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+        with contextlib.suppress(ValueError, RuntimeError):  # too few distinct values
+            figures.append(
+                ("Parameter importances", vis.plot_param_importances(study, evaluator=evaluator))
+            )
+        figures.append(("Parallel coordinates", vis.plot_parallel_coordinate(study)))
+    for name in _params_by_interest(finished):
+        figures.append((f"{name} against outcome", _param_outcome(config, finished, name, go)))
+    top = sorted(
+        complete, key=lambda t: t.value or 0.0, reverse=config.study.direction == "maximize"
+    )[:TOP_K]
+    if top:
+        figures.append(
+            ("Train and validation loss of the top trials (overfitting)", _train_vs_val(top, go))
+        )
+        figures.append((f"Metrics of the best trial ({top[0].number})", _best_metrics(top[0], go)))
+    return figures
+
+
+def learning_curves(config: StudyConfig, trials: Sequence[FrozenTrial]) -> Any:
+    """The study metric of every finished trial against the step, coloured by outcome."""
+    import plotly.graph_objects as go
+
+    trials = [t for t in trials if t.state.is_finished()]
+    figure = go.Figure(layout={"title": "Learning curves by outcome"})
+    stride = max(1, math.ceil(len(trials) / MAX_LINES))
+    for name, colour in OUTCOME_COLOURS.items():
+        xs: list[float | None] = []
+        ys: list[float | None] = []
+        for trial in trials[::stride]:
+            if outcome(trial) != name or not trial.intermediate_values:
+                continue
+            steps = sorted(trial.intermediate_values)
+            xs += [*steps, None]
+            ys += [*(trial.intermediate_values[s] for s in steps), None]
+        if xs:
+            figure.add_trace(
+                go.Scattergl(
+                    x=xs,
+                    y=ys,
+                    mode="lines",
+                    name=name,
+                    line={"color": colour, "width": 1},
+                    opacity=0.6,
+                )
+            )
+    figure.update_layout(xaxis_title="step", yaxis_title=config.study.metric)
+    return figure
+
+
+def _params_by_interest(trials: Sequence[FrozenTrial]) -> list[str]:
+    """Learning-rate-like parameters first, then the rest."""
+    names = sorted({name for t in trials for name in t.params})
+    return sorted(names, key=lambda n: (0 if n in {"lr", "learning_rate"} else 1, n))
+
+
+def _param_outcome(config: StudyConfig, trials: Sequence[FrozenTrial], name: str, go: Any) -> Any:
+    figure = go.Figure()
+    for kind, colour in OUTCOME_COLOURS.items():
+        chosen = [t for t in trials if outcome(t) == kind and name in t.params]
+        if not chosen:
+            continue
+        values = [_last_value(t) for t in chosen]
+        figure.add_trace(
+            go.Scattergl(
+                x=[t.params[name] for t in chosen],
+                y=values,
+                mode="markers",
+                name=kind,
+                marker={
+                    "color": colour,
+                    "size": 7,
+                    "symbol": "x" if kind in {"diverged", "failed"} else "circle",
+                },
+                text=[f"trial {t.number}: {t.user_attrs.get('stop_reason', '')}" for t in chosen],
+            )
+        )
+    dist = next((t.distributions[name] for t in trials if name in t.distributions), None)
+    log = bool(getattr(dist, "log", False))
+    figure.update_layout(
+        xaxis_title=name,
+        xaxis_type="log" if log else "linear",
+        yaxis_title=f"{config.study.metric} (last reported)",
+    )
+    return figure
+
+
+def _last_value(trial: FrozenTrial) -> float | None:
+    if trial.value is not None:
+        return trial.value
+    if trial.intermediate_values:
+        value = trial.intermediate_values[max(trial.intermediate_values)]
+        return value if math.isfinite(value) else None
+    return None
+
+
+def _train_vs_val(top: Sequence[FrozenTrial], go: Any) -> Any:
+    figure = go.Figure()
+    for trial in top:
+        history = trial.user_attrs.get("history", [])
+        steps = [r["step"] for r in history]
+        for key, dash in (("train_loss", "dot"), ("val_loss", "solid")):
+            if any(key in r for r in history):
+                figure.add_trace(
+                    go.Scatter(
+                        x=steps,
+                        y=[r.get(key) for r in history],
+                        mode="lines+markers",
+                        line={"dash": dash},
+                        name=f"trial {trial.number} {key}",
+                    )
+                )
+    figure.update_layout(xaxis_title="step", yaxis_title="loss")
+    return figure
+
+
+def best_curves(config: StudyConfig, study: optuna.Study) -> Any:
+    """Every validation metric of the best trial against the step; None before one completes."""
+    import plotly.graph_objects as go
+
+    best = _best(study)
+    if best is None:
+        return None
+    history = best.user_attrs.get("history", [])
+    steps = [r["step"] for r in history]
+    figure = go.Figure(layout={"title": f"Validation metrics of the best trial ({best.number})"})
+    names = sorted({k for r in history for k in r if k.startswith("val_") and k != "val_loss"})
+    for name in names:
+        figure.add_trace(
+            go.Scatter(x=steps, y=[r.get(name) for r in history], mode="lines+markers", name=name)
+        )
+    figure.update_layout(xaxis_title="step")
+    return figure
+
+
+def _best_metrics(best: FrozenTrial, go: Any) -> Any:
+    history = best.user_attrs.get("history", [])
+    step = best.user_attrs.get("best_step")
+    record = next((r for r in history if r.get("step") == step), history[-1] if history else {})
+    names = [k for k in record if k.startswith("val_") and k != "val_loss"]
+    figure = go.Figure(
+        go.Bar(x=names, y=[record[k] for k in names], text=[f"{record[k]:.3f}" for k in names])
+    )
+    figure.update_layout(yaxis_range=[0, 1], yaxis_title=f"at step {step}")
+    return figure

@@ -1,0 +1,179 @@
+"""The report and the dashboard, opened in a real headless Chromium."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from sweeper.report import compute, outcome
+from tests.browser import page, screenshot
+from tests.conftest import StudyDir, run_sweeper, study, sweeper_cmd
+
+SECTIONS = [
+    "Optimization history",
+    "Learning curves",
+    "Parameter importances",
+    "Parallel coordinates",
+    "lr against outcome",
+    "hidden against outcome",
+    "Train and validation loss of the top trials (overfitting)",
+]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> StudyDir:
+    """A study made by a real small sweep, some of whose trials diverge."""
+    study_dir = StudyDir(tmp_path_factory.mktemp("views"))
+    study_dir.write(
+        study(
+            study={"n_trials": 8},
+            search={
+                "lr": {"low": 0.01, "high": 1000.0, "log": True},
+                "hidden": {"low": 4, "high": 32, "step": 4},
+            },
+            sampler={"name": "random"},
+            pruner={"name": "none"},
+        )
+    )
+    result = run_sweeper("start", str(study_dir.root / "study.toml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "report written to" in result.stdout
+    return study_dir
+
+
+def test_report_is_self_contained_and_renders(swept: StudyDir) -> None:
+    report = swept.root / "tiny" / "report.html"
+    text = report.read_text()
+    assert "<script src=" not in text, "plotly.js must be inlined"
+    for title in ("Summary", *SECTIONS):
+        assert title in text, title
+    with page() as (tab, errors):
+        tab.goto(report.as_uri())
+        tab.wait_for_function(
+            f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {len(SECTIONS)}",
+            timeout=30_000,
+        )
+        charts = tab.eval_on_selector_all("section.chart", "els => els.length")
+        rendered = tab.eval_on_selector_all("section.chart .js-plotly-plot", "els => els.length")
+        summary = tab.inner_text("#summary")
+        screenshot(tab, "report")
+    assert errors == []
+    assert rendered == charts >= len(SECTIONS) + 1
+    assert "diverged" in summary and "saved by stopping early" in summary
+
+
+def test_report_command_writes_where_asked(swept: StudyDir, tmp_path: Path) -> None:
+    target = tmp_path / "out.html"
+    result = run_sweeper("report", str(swept.root / "study.toml"), "-o", str(target))
+    assert result.returncode == 0, result.stderr
+    assert target.stat().st_size > 1_000_000  # plotly.js itself is over 3 MB
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer")
+
+
+def test_dashboard_shows_the_study_in_chromium(swept: StudyDir) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        sweeper_cmd("dashboard", str(swept.root / "study.toml"), "--port", str(port)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/dashboard/")
+        with page() as (tab, errors):
+            tab.goto(f"http://127.0.0.1:{port}/dashboard/")
+            tab.get_by_text("1. tiny").wait_for(timeout=30_000)
+            tab.goto(f"http://127.0.0.1:{port}/dashboard/studies/1")
+            tab.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+            tab.get_by_text("Learning curves by outcome").first.wait_for(timeout=30_000)
+            tab.get_by_text("Validation metrics of the best trial").first.wait_for()
+            screenshot(tab, "dashboard")
+            tab.goto(f"http://127.0.0.1:{port}/dashboard/studies/1/trials")
+            tab.get_by_text("8 Trials").wait_for(timeout=30_000)
+            tab.get_by_text("stop_reason").first.wait_for()
+            trials_text = tab.inner_text("body")
+            screenshot(tab, "dashboard-trials")
+        assert errors == []
+        assert "diverged: loss=" in trials_text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "dashboard of 'tiny' on http://127.0.0.1:" in server.stderr.read()
+
+
+def test_dashboard_port_in_use_is_a_clear_error(swept: StudyDir) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_sweeper("dashboard", str(swept.root / "study.toml"), "--port", str(port))
+    assert result.returncode == 2
+    assert f"port {port} on 127.0.0.1 is in use; pick another with --port" in result.stderr
+
+
+def test_dashboard_beyond_loopback_warns(swept: StudyDir) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        sweeper_cmd(
+            "dashboard", str(swept.root / "study.toml"), "--host", "0.0.0.0", "--port", str(port)
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/dashboard/")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "the dashboard has no authentication" in server.stderr.read()
+
+
+def test_outcomes_and_compute_saved() -> None:
+    def trial(state: TrialState, steps: int, **attrs):
+        return create_trial(
+            state=state,
+            value=1.0 if state == TrialState.COMPLETE else None,
+            user_attrs={"steps": steps, "fit_seconds": steps / 10, **attrs},
+        )
+
+    trials = [
+        trial(TrialState.COMPLETE, 100),
+        trial(TrialState.COMPLETE, 100),
+        trial(TrialState.PRUNED, 40),
+        trial(TrialState.PRUNED, 5, divergence_onset=2),
+        trial(TrialState.FAIL, 0),
+    ]
+    assert [outcome(t) for t in trials] == ["complete", "complete", "pruned", "diverged", "failed"]
+    spent = compute(trials)
+    assert spent["steps"] == 245 and spent["saved_steps"] == 60 + 95
+    assert spent["device_seconds"] == pytest.approx(24.5)
+
+
+def test_no_study_yet_is_a_clear_error(study_dir: StudyDir) -> None:
+    path = study_dir.write(study())
+    result = run_sweeper("report", str(path))
+    assert result.returncode == 2
+    assert "no study storage at" in result.stderr
