@@ -68,7 +68,13 @@ def start(
     from sweeper.start import start as run
 
     config = load_config(study_file, n_trials=n_trials)
-    outcome = run(config, _say, n_trials=n_trials)
+    if out.is_terminal:
+        from rich.live import Live
+
+        with Live(console=out, refresh_per_second=2, transient=True) as view:
+            outcome = run(config, _say, n_trials=n_trials, live=view.update)
+    else:
+        outcome = run(config, _say, n_trials=n_trials)
     _print_best(outcome.summary)
     if outcome.best_file is not None:
         _say(f"best configuration written to {outcome.best_file}")

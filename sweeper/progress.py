@@ -1,4 +1,4 @@
-"""Plain, timestamped one-line events of a running sweep, read from the study."""
+"""What a running sweep shows: timestamped one-line events, and a live table on a terminal."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
@@ -70,3 +71,45 @@ def _params(trial: FrozenTrial) -> str:
 
 def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def study_view(
+    trials: Sequence[FrozenTrial], metric: str, maximize: bool, n_trials: int, elapsed: float
+) -> Any:
+    """A rich table: one line per running trial's slot, then the study line."""
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
+    for column in ("slot", "device", "trial", "epoch/step", metric, "elapsed"):
+        table.add_column(column)
+    now = time.time()
+    running = sorted(
+        (t for t in trials if t.state == TrialState.RUNNING and "slot" in t.user_attrs),
+        key=lambda t: t.user_attrs["slot"],
+    )
+    for trial in running:
+        history = trial.user_attrs.get("history", [])
+        last = history[-1] if history else {}
+        started = trial.datetime_start.timestamp() if trial.datetime_start else now
+        table.add_row(
+            str(trial.user_attrs["slot"]),
+            str(trial.user_attrs.get("device", "?")),
+            str(trial.number),
+            f"{last.get('epoch', 0)}/{last.get('step', 0)}" if last else "-",
+            describe_value(metric, last.get(metric)).split("=", 1)[1],
+            f"{now - started:.0f} s",
+        )
+    counts = {state: sum(t.state == state for t in trials) for state in TrialState}
+    finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+    values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    best = (max if maximize else min)(values) if values else None
+    left = ""
+    if 0 < finished < n_trials:
+        left = f", about {elapsed / finished * (n_trials - finished):.0f} s left"
+    table.caption = (
+        f"{finished}/{n_trials} finished ({counts[TrialState.PRUNED]} pruned), "
+        f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running; "
+        f"best {describe_value(metric, best)}; {elapsed:.0f} s elapsed{left}"
+    )
+    table.caption_justify = "left"
+    return table

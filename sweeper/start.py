@@ -54,13 +54,20 @@ def validate(config: StudyConfig) -> list[Slot]:
 
 
 def start(
-    config: StudyConfig, emit: Callable[[str], None], n_trials: int | None = None
+    config: StudyConfig,
+    emit: Callable[[str], None],
+    n_trials: int | None = None,
+    live: Callable[[Any], None] | None = None,
 ) -> Outcome:
-    """Run the study to ``n_trials`` finished trials on every slot; return the best."""
+    """Run the study to ``n_trials`` finished trials on every slot; return the best.
+
+    ``emit`` gets one line per event; ``live``, when given, a fresh view of the
+    study at every check (a terminal shows it in place).
+    """
     from sweeper.best import summary, write_best_toml
     from sweeper.dashboard import publish
     from sweeper.launcher import Sweep
-    from sweeper.progress import EventLog
+    from sweeper.progress import EventLog, study_view
     from sweeper.report import write_report
     from sweeper.storage import mask_url
     from sweeper.study import create_or_resume, recover_orphans, systematic_failure
@@ -79,10 +86,21 @@ def start(
     sweep = Sweep(config.path, slots, config.output_dir / "logs", n_trials=n_trials)
 
     published = [0.0, 0]
+    began = time.monotonic()
 
     def tick() -> str | None:
         trials = study.get_trials(deepcopy=False)
         events.update(trials)
+        if live is not None:
+            live(
+                study_view(
+                    trials,
+                    config.study.metric,
+                    events.maximize,
+                    config.study.n_trials,
+                    time.monotonic() - began,
+                )
+            )
         finished = sum(t.state.is_finished() for t in trials)
         if finished != published[1] and time.monotonic() - published[0] > PUBLISH_EVERY:
             publish(config, study)

@@ -44,3 +44,30 @@ def test_events_for_start_finish_prune_fail_and_new_best() -> None:
         "trial 3 failed: killed by signal 9 (SIGKILL)",
         "trial 4 completed: val_acc=0.9000 (new best)",
     ]
+
+
+def test_study_view_shows_slots_and_the_study_line() -> None:
+    from rich.console import Console
+
+    from sweeper.progress import study_view
+
+    running = snapshot(
+        3,
+        TrialState.RUNNING,
+        slot=1,
+        device="cuda:1",
+        history=[{"step": 40, "epoch": 1, "val_acc": 0.75}],
+    )
+    running.datetime_start = None
+    trials = [
+        snapshot(0, TrialState.COMPLETE, 0.8),
+        snapshot(1, TrialState.PRUNED),
+        snapshot(2, TrialState.FAIL),
+        running,
+    ]
+    console = Console(record=True, width=120)
+    console.print(study_view(trials, "val_acc", True, n_trials=10, elapsed=60.0))
+    text = " ".join(console.export_text().split())
+    assert "cuda:1" in text and "1/40" in text and "0.7500" in text
+    assert "2/10 finished (1 pruned), 1 failed, 1 running; best val_acc=0.8000" in text
+    assert "about 240 s left" in text
