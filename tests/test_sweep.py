@@ -75,6 +75,16 @@ def running_with_pid(study_dir: StudyDir) -> list:
     return [t for t in trials if "device" in t.user_attrs]
 
 
+def start_slow_sweep(study_dir: StudyDir) -> subprocess.Popen[str]:
+    """`sweeper start` in the background on 4 trials of a few seconds each."""
+    path = study_dir.write(
+        study(study={"n_trials": 4}, search={"lr": {"low": 0.01, "high": 0.1}, "sleep": 0.2})
+    )
+    return subprocess.Popen(
+        sweeper_cmd("start", str(path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
 def test_sweep_runs_to_n_trials_and_reports_the_best(study_dir: StudyDir) -> None:
     path = study_dir.write(
         study(
@@ -174,15 +184,7 @@ def test_systematic_failure_stops_the_sweep(study_dir: StudyDir) -> None:
 
 
 def test_killed_trial_is_failed_and_retried_with_its_params(study_dir: StudyDir) -> None:
-    path = study_dir.write(
-        study(
-            study={"n_trials": 4},
-            search={"lr": {"low": 0.01, "high": 0.1}, "sleep": 0.2},
-        )
-    )
-    sweep = subprocess.Popen(
-        sweeper_cmd("start", str(path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    sweep = start_slow_sweep(study_dir)
     victim = wait_for(lambda: running_with_pid(study_dir), what="a running trial")[0]
     os.kill(victim.user_attrs["pid"], signal.SIGKILL)
     out, err = sweep.communicate(timeout=300)
@@ -236,15 +238,8 @@ def test_resume_after_kill_9_of_the_whole_run(study_dir: StudyDir) -> None:
 
 
 def test_ctrl_c_stops_cleanly_and_a_rerun_finishes(study_dir: StudyDir) -> None:
-    path = study_dir.write(
-        study(
-            study={"n_trials": 4},
-            search={"lr": {"low": 0.01, "high": 0.1}, "sleep": 0.2},
-        )
-    )
-    sweep = subprocess.Popen(
-        sweeper_cmd("start", str(path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    sweep = start_slow_sweep(study_dir)
+    path = study_dir.root / "study.toml"
     wait_for(lambda: running_with_pid(study_dir), what="a running trial")
     sweep.send_signal(signal.SIGINT)
     out, err = sweep.communicate(timeout=120)
