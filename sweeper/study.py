@@ -9,6 +9,7 @@ import os
 import socket
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -97,19 +98,39 @@ def check_plugins(config: StudyConfig) -> None:
 
 
 def create_or_resume(config: StudyConfig) -> optuna.Study:
-    """Create the study, or load it when it exists; refuse a changed search space."""
+    """Create the study, or load it when it exists; refuse a changed search space.
+
+    A new SQLite file is made whole under a temporary name and then renamed
+    into place, so no reader ever opens a half-made database.
+    """
     space = parse_space(config.search, config.path)
     check_plugins(config)
     url = config.storage_url
     path = sqlite_path(url)
-    if path is None or path.exists():
+    with claim_lock(config):
+        if path is not None and not path.exists():
+            _create_sqlite(config, path, space)
         storage = open_storage(url, create=path is None)
-        existing = _find(storage, config.study.name)
-        if existing is not None:
-            study = _load(config, storage)
-            _check_same_study(config, study, space)
-            return study
-    storage = open_storage(url, create=True)
+        if _find(storage, config.study.name) is None:
+            return _new_study(config, storage, space)
+    study = _load(config, storage)
+    _check_same_study(config, study, space)
+    return study
+
+
+def _create_sqlite(config: StudyConfig, path: Path, space: SearchSpace) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        storage = open_storage(f"sqlite:///{partial}", create=True)
+        _new_study(config, storage, space)
+        storage.engine.dispose()
+        os.replace(partial, path)
+    finally:
+        for leftover in (partial, Path(f"{partial}-wal"), Path(f"{partial}-shm")):
+            leftover.unlink(missing_ok=True)
+
+
+def _new_study(config: StudyConfig, storage: Any, space: SearchSpace) -> optuna.Study:
     study = optuna.create_study(
         study_name=config.study.name,
         storage=storage,
@@ -181,6 +202,7 @@ def claim_lock(config: StudyConfig) -> Iterator[None]:
         return
     from filelock import FileLock
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock"):
         yield
 

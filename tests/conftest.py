@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,13 @@ def study(**sections: Any) -> dict[str, Any]:
         else:
             data.setdefault(key, {}).update(value)
     return data
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def sweeper_cmd(*args: str) -> list[str]:

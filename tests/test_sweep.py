@@ -10,12 +10,13 @@ import subprocess
 import threading
 import time
 import tomllib
+import urllib.request
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
-from tests.conftest import StudyDir, run_sweeper, study, sweeper_cmd
+from tests.conftest import StudyDir, free_port, run_sweeper, study, sweeper_cmd
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -63,6 +64,13 @@ def wait_for(condition, timeout: float = 120.0, what: str = "condition"):
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def load_or_none(study_dir: StudyDir) -> optuna.Study | None:
+    try:
+        return load(study_dir)
+    except KeyError:
+        return None
 
 
 def running_with_pid(study_dir: StudyDir) -> list:
@@ -264,32 +272,47 @@ def test_eight_writers_and_a_reader_on_one_sqlite_file(study_dir: StudyDir) -> N
         )
     )
     errors: list[str] = []
-    reads = 0
+    reads = {"optuna": 0, "dashboard": 0}
     done = threading.Event()
+    port = free_port()
 
     def reader() -> None:
-        nonlocal reads
+        """Polls the study directly and through the dashboard's API, as people watching do."""
         while not done.is_set():
             try:
-                if study_dir.db.exists():
-                    load(study_dir).get_trials()
-                    reads += 1
-            except KeyError:
-                pass  # the study is not created yet
+                load(study_dir).get_trials()
+                reads["optuna"] += 1
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/1") as answer:
+                    assert answer.status == 200
+                reads["dashboard"] += 1
+            except OSError:
+                pass  # the dashboard is still starting
             except Exception as exc:
                 errors.append(repr(exc))
             time.sleep(0.05)
 
+    sweep = subprocess.Popen(
+        sweeper_cmd("start", str(path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: study_dir.db.exists() and load_or_none(study_dir), what="the study")
+    dashboard = subprocess.Popen(
+        sweeper_cmd("dashboard", str(path), "--port", str(port)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     thread = threading.Thread(target=reader)
     thread.start()
     try:
-        result = run_sweeper("start", str(path), timeout=600)
+        out, err = sweep.communicate(timeout=600)
     finally:
         done.set()
         thread.join()
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+    result = subprocess.CompletedProcess(sweep.args, sweep.returncode, out, err)
     assert result.returncode == 0, result.stdout + result.stderr
     assert errors == []
-    assert reads > 10
+    assert reads["optuna"] > 10 and reads["dashboard"] > 5, reads
     trials = load(study_dir).get_trials()
     assert "FAIL" not in states(trials)
     assert finished(trials) == 40 and len(trials) == 40

@@ -13,7 +13,7 @@ from optuna.trial import TrialState, create_trial
 
 from sweeper.report import compute, outcome
 from tests.browser import page, screenshot
-from tests.conftest import StudyDir, run_sweeper, study, sweeper_cmd
+from tests.conftest import StudyDir, free_port, run_sweeper, study, sweeper_cmd
 
 SECTIONS = [
     "Optimization history",
@@ -73,12 +73,6 @@ def test_report_command_writes_where_asked(swept: StudyDir, tmp_path: Path) -> N
     result = run_sweeper("report", str(swept.root / "study.toml"), "-o", str(target))
     assert result.returncode == 0, result.stderr
     assert target.stat().st_size > 1_000_000  # plotly.js itself is over 3 MB
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_http(url: str, timeout: float = 60.0) -> None:
