@@ -29,10 +29,10 @@ lint: install
 	$(BIN)/mypy
 
 # Page tests drive Debian's Chromium through Playwright (its own browser
-# download is not used); installing the package needs root.
+# download is not used), the terminal test runs in tmux; installing needs root.
 browser:
-	@command -v chromium >/dev/null || { apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@command -v chromium >/dev/null && command -v tmux >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium tmux >/dev/null; }
 
 test: lint browser
 	$(BIN)/pytest

@@ -84,12 +84,20 @@ def running_with_pid(study_dir: StudyDir) -> list:
 
 
 def start_slow_sweep(study_dir: StudyDir) -> subprocess.Popen[str]:
-    """`sweeper start` in the background on 4 trials of a few seconds each."""
+    """`sweeper start` in the background on 4 trials of a few seconds each.
+
+    SIGINT gets its default action back first: a shell starts background jobs
+    with SIGINT ignored, and a terminal's Ctrl-C must reach the sweep here.
+    """
     path = study_dir.write(
         study(study={"n_trials": 4}, search={"lr": {"low": 0.01, "high": 0.1}, "sleep": 0.2})
     )
     return subprocess.Popen(
-        sweeper_cmd("start", str(path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        sweeper_cmd("start", str(path)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

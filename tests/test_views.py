@@ -171,3 +171,28 @@ def test_no_study_yet_is_a_clear_error(study_dir: StudyDir) -> None:
     result = run_sweeper("report", str(path))
     assert result.returncode == 2
     assert "no study storage at" in result.stderr
+
+
+def test_live_view_in_a_terminal(study_dir: StudyDir) -> None:
+    """In a real terminal (tmux), `sweeper start` shows the slots and the study line."""
+    path = study_dir.write(
+        study(study={"n_trials": 6}, search={"lr": {"low": 0.01, "high": 0.1}, "sleep": 0.1})
+    )
+    session = f"sweeper-{free_port()}"
+    command = " ".join([*sweeper_cmd("start", str(path)), ";", "sleep", "60"])
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40", command], check=True
+    )
+    try:
+        seen = ""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "running;" not in seen:
+            seen = subprocess.run(
+                ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
+            ).stdout
+            time.sleep(0.3)
+        assert "slot  device  trial" in seen, seen
+        assert "/6 finished" in seen and "elapsed" in seen, seen
+        assert "GPU available" not in seen, "Lightning's own output stays in the worker logs"
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], check=False)
