@@ -85,17 +85,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.toml"
         config = parse_config(STUDY, path)
-        study = optuna.create_study(
-            study_name="big", storage=config.storage_url, direction="maximize"
-        )
-        study.add_trials(synthetic(args.trials))
+        write_fast(config.storage_url, synthetic(args.trials))
         started = time.perf_counter()
         loaded = optuna.load_study(study_name="big", storage=config.storage_url)
+        loaded.get_trials(deepcopy=False)
+        read = time.perf_counter() - started
         text = build_report(config, loaded)
-        elapsed = time.perf_counter() - started
-    print("| trials | report build s (storage read included) | HTML MB |")
-    print("|---|---|---|")
-    print(f"| {args.trials:,} | {elapsed:.2f} | {len(text) / 1e6:.1f} |")
+        total = time.perf_counter() - started
+    print("| trials | storage read s | report build s | total s | HTML MB |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| {args.trials:,} | {read:.2f} | {total - read:.2f} | {total:.2f} | "
+        f"{len(text) / 1e6:.1f} |"
+    )
+
+
+def write_fast(url: str, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """Add the trials without waiting for the disk after each commit (set-up only)."""
+    from sqlalchemy import event
+
+    storage = optuna.storages.RDBStorage(url)
+    event.listen(
+        storage.engine,
+        "connect",
+        lambda connection, _: connection.execute("PRAGMA synchronous=OFF"),
+    )
+    storage.engine.dispose()
+    study = optuna.create_study(study_name="big", storage=storage, direction="maximize")
+    study.add_trials(trials)
+    storage.engine.dispose()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ OUTCOME_COLOURS = {
 TOP_K = 5
 MAX_LINES = 2000
 """Learning curves drawn at most; a larger study shows an even sample of its trials."""
+SAMPLE = 500
+"""Complete trials behind the importances and the parallel coordinates at most."""
 
 
 def outcome(trial: FrozenTrial) -> str:
@@ -149,15 +151,19 @@ def _figures(
     complete = [t for t in finished if t.state == TrialState.COMPLETE]
     figures: list[tuple[str, Any]] = []
     if complete:
-        figures.append(("Optimization history", vis.plot_optimization_history(study)))
+        figures.append(("Optimization history", _history(config, complete, go)))
     figures.append(("Learning curves", learning_curves(config, finished)))
     if len(complete) >= 2 and len(complete[0].distributions) >= 1:
+        sample, note = _sample(study, complete)
         evaluator = optuna.importance.PedAnovaImportanceEvaluator()
         with contextlib.suppress(ValueError, RuntimeError):  # too few distinct values
             figures.append(
-                ("Parameter importances", vis.plot_param_importances(study, evaluator=evaluator))
+                (
+                    f"Parameter importances{note}",
+                    vis.plot_param_importances(sample, evaluator=evaluator),
+                )
             )
-        figures.append(("Parallel coordinates", vis.plot_parallel_coordinate(study)))
+        figures.append((f"Parallel coordinates{note}", vis.plot_parallel_coordinate(sample)))
     for name in _params_by_interest(finished):
         figures.append((f"{name} against outcome", _param_outcome(config, finished, name, go)))
     top = sorted(
@@ -169,6 +175,27 @@ def _figures(
         )
         figures.append((f"Metrics of the best trial ({top[0].number})", _best_metrics(top[0], go)))
     return figures
+
+
+def _sample(study: optuna.Study, complete: Sequence[FrozenTrial]) -> tuple[optuna.Study, str]:
+    """An in-memory study of an even sample of the complete trials: params and values only.
+
+    Importances and parallel coordinates cost time in the number of trials and
+    in what each carries, and say no more with 10,000 lines than with 500.
+    """
+    stride = max(1, math.ceil(len(complete) / SAMPLE))
+    copy = optuna.create_study(directions=study.directions)
+    copy.add_trials(
+        optuna.trial.create_trial(
+            state=TrialState.COMPLETE,
+            value=t.value,
+            params=t.params,
+            distributions=t.distributions,
+        )
+        for t in complete[::stride]
+    )
+    note = f" (every {stride}th of {len(complete):,} complete trials)" if stride > 1 else ""
+    return copy, note
 
 
 def learning_curves(config: StudyConfig, trials: Sequence[FrozenTrial]) -> Any:
@@ -199,6 +226,34 @@ def learning_curves(config: StudyConfig, trials: Sequence[FrozenTrial]) -> Any:
                 )
             )
     figure.update_layout(xaxis_title="step", yaxis_title=config.study.metric)
+    return figure
+
+
+def _history(config: StudyConfig, complete: Sequence[FrozenTrial], go: Any) -> Any:
+    """Each complete trial's value by trial number, and the best so far."""
+    ordered = sorted(complete, key=lambda t: t.number)
+    values = [t.value if t.value is not None else math.nan for t in ordered]
+    pick = max if config.study.direction == "maximize" else min
+    best: list[float] = []
+    for value in values:
+        best.append(value if not best else pick(best[-1], value))
+    numbers = [t.number for t in ordered]
+    figure = go.Figure()
+    figure.add_trace(
+        go.Scattergl(
+            x=numbers,
+            y=values,
+            mode="markers",
+            name="value",
+            marker={"color": OUTCOME_COLOURS["complete"], "size": 5},
+        )
+    )
+    figure.add_trace(
+        go.Scattergl(
+            x=numbers, y=best, mode="lines", name="best so far", line={"color": "#2ca02c"}
+        )
+    )
+    figure.update_layout(xaxis_title="trial", yaxis_title=config.study.metric)
     return figure
 
 
