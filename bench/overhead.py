@@ -82,14 +82,13 @@ def run_sweeper(folder: Path, trials: int, epochs: int) -> tuple[list[float], fl
 
 def run_plain(folder: Path, trials: int, epochs: int) -> tuple[list[float], float]:
     sys.path.insert(0, str(ROOT / "studies"))
-    import logging
 
     import lightning.pytorch as pl
     from digits_task import build
 
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("lightning"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    from sweeper.trial import quiet_lightning
+
+    quiet_lightning()
 
     work: dict[int, float] = {}
 

@@ -28,6 +28,13 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
         return None
 
 
+def record_at_best(trial: FrozenTrial) -> dict[str, Any]:
+    """The trial's history record at its best validation (the last one if unknown)."""
+    history = trial.user_attrs.get("history", [])
+    step = trial.user_attrs.get("best_step")
+    return next((r for r in history if r.get("step") == step), history[-1] if history else {})
+
+
 def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
     """What ``sweeper best`` shows: the best trial, its metrics, counts, how to reproduce."""
     best = best_trial(study)
@@ -42,8 +49,7 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
     if best is None:
         return result
     step = best.user_attrs.get("best_step")
-    history = best.user_attrs.get("history", [])
-    at_best = next((r for r in history if r.get("step") == step), history[-1] if history else {})
+    at_best = record_at_best(best)
     result["best"] = {
         "trial": best.number,
         "value": best.value,

@@ -24,7 +24,7 @@ from optuna.distributions import (
 
 from sweeper.config import StudyConfig
 from sweeper.errors import ConfigError
-from sweeper.space import parse_space
+from sweeper.space import SearchSpace, parse_space
 
 LR_NAMES = ("lr", "learning_rate")
 DIVERGENCE_THRESHOLD = 4.0
@@ -43,9 +43,8 @@ class RangeTest:
     high: float
 
 
-def lr_entry(config: StudyConfig) -> tuple[str, FloatDistribution]:
+def lr_entry(config: StudyConfig, space: SearchSpace) -> tuple[str, FloatDistribution]:
     """The learning-rate entry of ``[search]``: a float range named lr or learning_rate."""
-    space = parse_space(config.search, config.path)
     for name in LR_NAMES:
         dist = space.distributions.get(name)
         if isinstance(dist, FloatDistribution):
@@ -74,10 +73,10 @@ def run_range_test(config: StudyConfig, steps: int = 100) -> RangeTest:
 
     from sweeper.devices import Slot
     from sweeper.tasks import load_task
-    from sweeper.trial import build_task, trainer_options
+    from sweeper.trial import build_task, quiet_lightning, trainer_options
 
-    name, dist = lr_entry(config)
     space = parse_space(config.search, config.path)
+    name, dist = lr_entry(config, space)
     params = {**space.fixed, **{k: centre(d) for k, d in space.distributions.items()}}
     params[name] = dist.low
     pl.seed_everything(config.study.seed, verbose=False)
@@ -86,7 +85,7 @@ def run_range_test(config: StudyConfig, steps: int = 100) -> RangeTest:
     options.pop("max_epochs", None)
     with tempfile.TemporaryDirectory() as scratch:  # the tuner checkpoints the model there
         trainer = pl.Trainer(**options, max_epochs=max(1, steps), default_root_dir=scratch)
-        _quiet_lightning()
+        quiet_lightning()
         finder = Tuner(trainer).lr_find(
             module,
             datamodule=datamodule,
@@ -104,14 +103,6 @@ def run_range_test(config: StudyConfig, steps: int = 100) -> RangeTest:
     diverges_at = _divergence(lrs, losses)
     low, high = suggest(dist, steepest, diverges_at)
     return RangeTest(name, lrs, losses, steepest, diverges_at, low, high)
-
-
-def _quiet_lightning() -> None:
-    import logging
-
-    for logger in list(logging.root.manager.loggerDict):
-        if logger.startswith("lightning"):
-            logging.getLogger(logger).setLevel(logging.ERROR)
 
 
 def _divergence(lrs: list[float], losses: list[float]) -> float | None:

@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeper.best import best_trial, record_at_best
 from sweeper.config import StudyConfig
 
 OUTCOME_COLOURS = {
@@ -118,7 +119,7 @@ def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTr
             f"{spent['saved_steps']:,} steps ({100 * spent['saved_share']:.0f} %)",
         ),
     ]
-    best = _best(study)
+    best = best_trial(study)
     if best is not None:
         rows.insert(0, ("best value", f"{best.value:.6g} (trial {best.number})"))
         rows.insert(
@@ -128,13 +129,6 @@ def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTr
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows
     )
     return f'<section id="summary"><h2>Summary</h2><table>{cells}</table></section>'
-
-
-def _best(study: optuna.Study) -> FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
 
 
 def _short(value: Any) -> str:
@@ -327,7 +321,7 @@ def best_curves(config: StudyConfig, study: optuna.Study) -> Any:
     """Every validation metric of the best trial against the step; None before one completes."""
     import plotly.graph_objects as go
 
-    best = _best(study)
+    best = best_trial(study)
     if best is None:
         return None
     history = best.user_attrs.get("history", [])
@@ -343,9 +337,8 @@ def best_curves(config: StudyConfig, study: optuna.Study) -> Any:
 
 
 def _best_metrics(best: FrozenTrial, go: Any) -> Any:
-    history = best.user_attrs.get("history", [])
     step = best.user_attrs.get("best_step")
-    record = next((r for r in history if r.get("step") == step), history[-1] if history else {})
+    record = record_at_best(best)
     names = [k for k in record if k.startswith("val_") and k != "val_loss"]
     figure = go.Figure(
         go.Bar(x=names, y=[record[k] for k in names], text=[f"{record[k]:.3f}" for k in names])

@@ -42,6 +42,15 @@ RESERVED_TRAINER_KEYS = {
 }
 
 
+def quiet_lightning() -> None:
+    """Silence Lightning's console output; call after importing it, which sets the levels."""
+    import logging
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("lightning", "pytorch_lightning")):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def check_trainer_options(config: StudyConfig) -> None:
     """Refuse ``[trainer]`` keys that lightning.Trainer lacks or that sweeper sets."""
     known = [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import logging
 import os
 import select
 import signal
@@ -189,9 +188,9 @@ def _die_with_parent(sig: signal.Signals) -> None:
 
 def _quiet() -> None:
     """Silence Lightning's console output; the study records what matters."""
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith(("lightning", "pytorch_lightning")):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    from sweeper.trial import quiet_lightning
+
+    quiet_lightning()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

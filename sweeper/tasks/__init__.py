@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from sweeper.config import StudyConfig
@@ -15,6 +16,14 @@ Build = Callable[[dict[str, Any]], tuple[Any, Any]]
 
 BUILTIN: dict[str, str] = {"text-classification": "sweeper.tasks.text_classification:prepare"}
 """Built-in tasks: name -> ``module:function`` that takes the config and returns ``build``."""
+
+
+def import_near(config: StudyConfig, module_name: str) -> ModuleType:
+    """Import a module, looking next to the study file before sys.path."""
+    folder = str(config.folder)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(module_name)
 
 
 def load_task(config: StudyConfig) -> Build:
@@ -43,11 +52,8 @@ def load_task(config: StudyConfig) -> Build:
             "settings from [search] (fixed values are passed through)"
         )
     module_name, function_name = target.split(":")
-    folder = str(config.folder)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
     try:
-        module = importlib.import_module(module_name)
+        module = import_near(config, module_name)
     except ModuleNotFoundError as exc:
         if exc.name == module_name or module_name.startswith(f"{exc.name}."):
             raise TaskError(

@@ -9,11 +9,9 @@ processes can be forked safely). Each trial loads the model and trains it.
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import os
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,13 +124,11 @@ def _resolve(config: StudyConfig, key: str, value: str) -> Any:
     if not _REFERENCE.match(value):
         path = Path(value)
         return path if path.is_absolute() else config.folder / path
+    from sweeper.tasks import import_near
+
     module_name, function_name = value.split(":")
-    folder = str(config.folder)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
-        return function()
+        return getattr(import_near(config, module_name), function_name)()
     except Exception as exc:  # a user's function can raise anything
         raise DataError(
             f"{config.path}: task.{key}: {value} failed: {type(exc).__name__}: {exc}"
