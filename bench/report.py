@@ -1,5 +1,8 @@
 """Time to build the report of a large study (synthetic trials written straight to storage).
 
+The report reads the trials as plain rows (sweeper.trials); Optuna's own read of
+the same trials is timed beside it for comparison.
+
 python bench/report.py [--trials 10000]
 """
 
@@ -18,6 +21,7 @@ from optuna.trial import TrialState, create_trial
 
 from sweeper.config import parse_config
 from sweeper.report import build_report
+from sweeper.trials import read_trials
 
 STUDY = {
     "study": {"name": "big", "direction": "maximize", "metric": "val_acc", "n_trials": 10},
@@ -88,14 +92,18 @@ def main() -> None:
         write_fast(config.storage_url, synthetic(args.trials))
         started = time.perf_counter()
         loaded = optuna.load_study(study_name="big", storage=config.storage_url)
-        loaded.get_trials(deepcopy=False)
-        read = time.perf_counter() - started
         text = build_report(config, loaded)
         total = time.perf_counter() - started
-    print("| trials | storage read s | report build s | total s | HTML MB |")
+        started = time.perf_counter()
+        read_trials(loaded)
+        read = time.perf_counter() - started
+        started = time.perf_counter()
+        loaded.get_trials(deepcopy=False)
+        optuna_read = time.perf_counter() - started
+    print("| trials | report total s | of which storage read s | Optuna's own read s | HTML MB |")
     print("|---|---|---|---|---|")
     print(
-        f"| {args.trials:,} | {read:.2f} | {total - read:.2f} | {total:.2f} | "
+        f"| {args.trials:,} | {total:.2f} | {read:.2f} | {optuna_read:.2f} | "
         f"{len(text) / 1e6:.1f} |"
     )
 

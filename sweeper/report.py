@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.best import best_trial, record_at_best
 from sweeper.config import StudyConfig
+from sweeper.trials import read_trials
 
 OUTCOME_COLOURS = {
     "complete": "#1f77b4",
@@ -68,7 +69,7 @@ def build_report(config: StudyConfig, study: optuna.Study) -> str:
     """The HTML text of the report."""
     from plotly.offline import get_plotlyjs
 
-    trials = study.get_trials(deepcopy=False)
+    trials = read_trials(study)
     sections = [_summary(config, study, trials)]
     for title, figure in _figures(config, study, trials):
         body = figure.to_html(
