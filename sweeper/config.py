@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
 
 from sweeper.errors import ConfigError
 
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "grid")
+INTERNAL = ("path", "night")
+"""StudyConfig fields that are not keys of the study file."""
 PRUNERS = ("median", "percentile", "hyperband", "asha", "threshold", "none")
 
 
@@ -67,6 +78,49 @@ class ResourcesSection(_Section):
     trial_timeout: PositiveFloat | None = None
 
 
+class ScheduleSection(_Section):
+    """Nightly sweeps: see :mod:`sweeper.nightly` and :mod:`sweeper.schedule`."""
+
+    cron: str | None = None
+    timezone: str = "UTC"
+    warm_start_top_k: int = Field(default=5, ge=0)
+    regression_tolerance: float = Field(default=0.01, ge=0.0)
+    notify: str | None = None
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        from croniter import croniter
+
+        if value is not None and not croniter.is_valid(value):
+            raise ValueError(f"not a valid cron expression: {value!r}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r} (an IANA name such as UTC or Europe/Paris)"
+            ) from None
+        return value
+
+    @field_validator("notify")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in {"http", "https"} or not parts.netloc:
+                raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value
+
+
 class StudyConfig(_Section):
     """A validated study file. ``path`` is the file it came from."""
 
@@ -79,6 +133,16 @@ class StudyConfig(_Section):
     pruner: PluginSection = PluginSection(name="median")
     divergence: DivergenceSection = DivergenceSection()
     resources: ResourcesSection = ResourcesSection()
+    schedule: ScheduleSection = ScheduleSection()
+    night: dt.date | None = None
+    """Set by :meth:`for_night`, never by the study file."""
+
+    def for_night(self, night: dt.date) -> StudyConfig:
+        """The study of one night: ``<name>@<date>`` in the same storage, files under nights/."""
+        study = self.study.model_copy(
+            update={"name": f"{self.study.name}@{night.isoformat()}", "storage": self.storage_url}
+        )
+        return self.model_copy(update={"study": study, "night": night})
 
     @property
     def folder(self) -> Path:
@@ -96,9 +160,16 @@ class StudyConfig(_Section):
         return url
 
     @property
+    def base_name(self) -> str:
+        """The study name of the file, without a night's date."""
+        return self.study.name if self.night is None else self.study.name.rsplit("@", 1)[0]
+
+    @property
     def output_dir(self) -> Path:
-        """Where the study's files (best.toml, report.html) go."""
-        return self.folder / self.study.name
+        """Where the study's files (best.toml, report.html) go; a night's under nights/."""
+        if self.night is None:
+            return self.folder / self.study.name
+        return self.folder / self.base_name / "nights" / self.night.isoformat()
 
 
 def load_config(path: str | Path, *, n_trials: int | None = None) -> StudyConfig:
@@ -123,8 +194,9 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> StudyConfig:
     """Validate an already-parsed study file, including its search space and plugins."""
     from sweeper.space import parse_space  # space imports optuna; keep it local
 
-    if "path" in raw:
-        raise ConfigError(_unknown(path, "path", StudyConfig, exclude={"path"}))
+    for internal in INTERNAL:
+        if internal in raw:
+            raise ConfigError(_unknown(path, internal, StudyConfig))
     try:
         config = StudyConfig.model_validate({**raw, "path": path})
     except ValidationError as exc:
@@ -157,6 +229,8 @@ def _describe(path: Path, exc: ValidationError) -> str:
         return _unknown(path, key, model)
     if error["type"] == "missing":
         return f"{path}: {key}: required key is missing"
+    if error["type"] == "value_error":
+        return f"{path}: {key}: {error['ctx']['error']}"
     # Unions report one error per branch; the first branch's message is enough.
     if loc and loc[-1] in {"literal['auto','cpu']", "list[int]"}:
         key = ".".join(loc[:-1])
@@ -176,9 +250,9 @@ def _model_at(loc: list[str]) -> type[BaseModel]:
     return model
 
 
-def _unknown(path: Path, key: str, model: type[BaseModel], exclude: set[str] | None = None) -> str:
+def _unknown(path: Path, key: str, model: type[BaseModel]) -> str:
     name = key.rsplit(".", 1)[-1]
-    known = [field for field in model.model_fields if field not in (exclude or {"path"})]
+    known = [field for field in model.model_fields if field not in INTERNAL]
     return f"{path}: {key}: unknown key{_did_you_mean(name, known)}"
 
 

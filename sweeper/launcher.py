@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -24,7 +25,11 @@ STOP_GRACE = 30.0
 
 
 def worker_command(
-    study_file: Path, slot: Slot, n_trials: int | None, environ: Mapping[str, str]
+    study_file: Path,
+    slot: Slot,
+    n_trials: int | None,
+    environ: Mapping[str, str],
+    night: dt.date | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The command and environment of the worker for ``slot``.
 
@@ -46,6 +51,8 @@ def worker_command(
         cmd += ["--gpu", "0"]
     if n_trials is not None:
         cmd += ["--n-trials", str(n_trials)]
+    if night is not None:
+        cmd += ["--night", night.isoformat()]
     env = dict(environ)
     if slot.gpu is None:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -69,6 +76,7 @@ class Sweep:
     slots: list[Slot]
     log_dir: Path
     n_trials: int | None = None
+    night: dt.date | None = None
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     stopping: bool = False
 
@@ -76,7 +84,7 @@ class Sweep:
         """Start one worker per slot, each in its own session, logging to a file."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for slot in self.slots:
-            cmd, env = worker_command(self.study_file, slot, self.n_trials, os.environ)
+            cmd, env = worker_command(self.study_file, slot, self.n_trials, os.environ, self.night)
             log: IO[bytes] = open(self.log_path(slot), "ab")  # noqa: SIM115 - child owns it
             self.processes[slot.index] = subprocess.Popen(
                 cmd,

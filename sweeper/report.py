@@ -65,12 +65,29 @@ def compute(trials: Sequence[FrozenTrial]) -> dict[str, float]:
     }
 
 
-def build_report(config: StudyConfig, study: optuna.Study) -> str:
-    """The HTML text of the report."""
+def duration(trials: Sequence[FrozenTrial]) -> dt.timedelta:
+    """From the first trial's start to the last trial's end."""
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    return (max(ends) - min(starts)) if starts and ends else dt.timedelta(0)
+
+
+def build_report(
+    config: StudyConfig, study: optuna.Study, earlier: Sequence[tuple[str, str]] = ()
+) -> str:
+    """The HTML text of the report; ``earlier`` links (label, href) to earlier nights."""
     from plotly.offline import get_plotlyjs
 
     trials = read_trials(study)
     sections = [_summary(config, study, trials)]
+    if earlier:
+        items = "".join(
+            f'<li><a href="{html.escape(href)}">{html.escape(label)}</a></li>'
+            for label, href in earlier
+        )
+        sections.append(
+            f'<section id="earlier-nights"><h2>Earlier nights</h2><ul>{items}</ul></section>'
+        )
     for title, figure in _figures(config, study, trials):
         body = figure.to_html(
             full_html=False, include_plotlyjs=False, config={"displaylogo": False}
@@ -88,12 +105,17 @@ def build_report(config: StudyConfig, study: optuna.Study) -> str:
     )
 
 
-def write_report(config: StudyConfig, study: optuna.Study, path: Path | None = None) -> Path:
+def write_report(
+    config: StudyConfig,
+    study: optuna.Study,
+    path: Path | None = None,
+    earlier: Sequence[tuple[str, str]] = (),
+) -> Path:
     """Write the report atomically; default ``<folder>/<name>/report.html``."""
     path = path or config.output_dir / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(build_report(config, study), encoding="utf-8")
+    partial.write_text(build_report(config, study, earlier), encoding="utf-8")
     os.replace(partial, path)
     return path
 
@@ -104,13 +126,10 @@ def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTr
         if trial.state.is_finished():
             counts[outcome(trial)] += 1
     spent = compute(trials)
-    starts = [t.datetime_start for t in trials if t.datetime_start]
-    ends = [t.datetime_complete for t in trials if t.datetime_complete]
-    duration = (max(ends) - min(starts)) if starts and ends else dt.timedelta(0)
     rows = [
         ("metric", f"{config.study.metric} ({config.study.direction})"),
         ("trials", ", ".join(f"{n} {name}" for name, n in counts.items())),
-        ("duration", str(duration).split(".")[0]),
+        ("duration", str(duration(trials)).split(".")[0]),
         (
             "compute spent",
             f"{spent['steps']:,} optimizer steps, {spent['device_seconds']:,.0f} device-seconds",

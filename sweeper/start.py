@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,11 +58,13 @@ def start(
     emit: Callable[[str], None],
     n_trials: int | None = None,
     live: Callable[[Any], None] | None = None,
+    earlier: Sequence[tuple[str, str]] = (),
 ) -> Outcome:
     """Run the study to ``n_trials`` finished trials on every slot; return the best.
 
     ``emit`` gets one line per event; ``live``, when given, a fresh view of the
-    study at every check (a terminal shows it in place).
+    study at every check (a terminal shows it in place); ``earlier`` links the
+    report to the reports of earlier nights.
     """
     from sweeper.best import summary, write_best_toml
     from sweeper.dashboard import publish
@@ -83,7 +85,9 @@ def start(
         f"on {devices}, {config.study.n_trials} trials"
     )
     events = EventLog(config.study.metric, config.study.direction == "maximize", emit)
-    sweep = Sweep(config.path, slots, config.output_dir / "logs", n_trials=n_trials)
+    sweep = Sweep(
+        config.path, slots, config.output_dir / "logs", n_trials=n_trials, night=config.night
+    )
 
     published = [0.0, 0]
     began = time.monotonic()
@@ -121,7 +125,12 @@ def start(
             sweep.stop()
     publish(config, study)
     data = summary(config, study)
-    return Outcome(data, write_best_toml(config, data), write_report(config, study), recovered)
+    return Outcome(
+        data,
+        write_best_toml(config, data),
+        write_report(config, study, earlier=earlier),
+        recovered,
+    )
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import datetime as dt
 import os
 import select
 import signal
@@ -196,18 +197,21 @@ def _quiet() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sweeper.worker STUDY.toml --slot I --gpu G --threads T [--n-trials N]``."""
+    """``python -m sweeper.worker STUDY.toml --slot I [--gpu G] [--threads T] [--n-trials N]
+    [--night YYYY-MM-DD]``."""
     parser = argparse.ArgumentParser(prog="sweeper-worker")
     parser.add_argument("study_file", type=Path)
     parser.add_argument("--slot", type=int, required=True)
     parser.add_argument("--gpu", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n-trials", type=int, default=None)
+    parser.add_argument("--night", type=dt.date.fromisoformat, default=None)
     args = parser.parse_args(argv)
     _die_with_parent(signal.SIGTERM)
     slot = Slot(index=args.slot, gpu=args.gpu, threads=args.threads)
     try:
-        worker = Worker(load_config(args.study_file, n_trials=args.n_trials), slot)
+        config = load_config(args.study_file, n_trials=args.n_trials)
+        worker = Worker(config if args.night is None else config.for_night(args.night), slot)
     except SweeperError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -94,6 +94,27 @@ CASES = {
         study(divergence={"patients": 3}),
         ["divergence.patients: unknown key; did you mean 'patience'?"],
     ),
+    "schedule cron invalid": (
+        study(schedule={"cron": "0 25 * * *"}),
+        ["schedule.cron: not a valid cron expression: '0 25 * * *'"],
+    ),
+    "schedule time zone unknown": (
+        study(schedule={"timezone": "Mars/Olympus"}),
+        ["schedule.timezone: unknown time zone 'Mars/Olympus'"],
+    ),
+    "schedule notify not http": (
+        study(schedule={"notify": "ftp://example.org/hook"}),
+        ["schedule.notify: must be an http:// or https:// URL"],
+    ),
+    "schedule top k negative": (
+        study(schedule={"warm_start_top_k": -1}),
+        ["schedule.warm_start_top_k:", "greater than or equal to 0"],
+    ),
+    "schedule key misspelt": (
+        study(schedule={"regression_tolerence": 0.1}),
+        ["schedule.regression_tolerence: unknown key; did you mean 'regression_tolerance'?"],
+    ),
+    "internal key in the file": (study(night={"x": 1}), ["night: unknown key"]),
     "bad devices": (study(resources={"devices": "gpu"}), ["resources.devices: must be"]),
     "missing GPU": (
         study(resources={"devices": [3]}),

@@ -1,0 +1,371 @@
+"""``sweeper nightly``: one dated study a night, warm-started from the last, compared with it.
+
+A night is the study ``<name>@<YYYY-MM-DD>`` in the study's storage. Its first
+trials are the best configurations of the most recent earlier night, fitted to
+tonight's search space. When it ends, its best is compared with that night's:
+the summary is stored on the night's study (the history), written to
+``<folder>/<name>/nights/<date>/summary.json`` and optionally POSTed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from filelock import FileLock, Timeout
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper.config import StudyConfig
+from sweeper.space import SearchSpace, parse_space
+from sweeper.storage import open_storage, sqlite_path
+
+EXIT_REGRESSION = 3
+"""Exit code of a night whose best is worse than the night before by more than the tolerance."""
+
+SUMMARY_ATTR = "night_summary"
+WARM_START_ATTR = "warm_start"
+NOTIFY_ATTEMPTS = 3
+NOTIFY_BACKOFF = 1.0
+"""Seconds before the first retry of a failed webhook; doubled for each further retry."""
+
+
+@dataclass(frozen=True)
+class EarlierNight:
+    """A finished earlier night: its date and its complete trials, best first."""
+
+    date: dt.date
+    best: list[FrozenTrial]
+
+
+def today(config: StudyConfig) -> dt.date:
+    """The date now in the schedule's time zone: the night ``sweeper nightly`` runs."""
+    import zoneinfo
+
+    return dt.datetime.now(zoneinfo.ZoneInfo(config.schedule.timezone)).date()
+
+
+def run_night(
+    config: StudyConfig,
+    night: dt.date,
+    *,
+    force: bool,
+    emit: Callable[[str], None],
+    live: Callable[[Any], None] | None = None,
+) -> int:
+    """Run or resume one night; exit code 0, EXIT_REGRESSION, or 1 when nothing completed."""
+    from sweeper.start import start, validate
+
+    tonight = config.for_night(night)
+    validate(tonight)
+    lock_path = config.output_dir / "nightly.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        emit(
+            f"another `sweeper nightly` of study {config.study.name!r} is running "
+            f"(it holds {lock_path}); nothing to do"
+        )
+        return 0
+    try:
+        finished = stored_summary(tonight)
+        if finished is not None and not force:
+            emit(
+                f"night {night} of study {config.study.name!r} already finished "
+                f"({finished['status']}); --force runs it again"
+            )
+            return 0
+        if finished is not None:
+            optuna.delete_study(
+                study_name=tonight.study.name, storage=open_storage(tonight.storage_url)
+            )
+            emit(f"--force: night {night} deleted, running it again")
+        previous = earlier_night(config, night)
+        study = _create_with_warm_start(tonight, previous, emit)
+        outcome = start(tonight, emit, live=live, earlier=_earlier_reports(config, night))
+        summary = summarize(tonight, study, previous)
+        summary["report"] = str(outcome.report_file)
+        study.set_user_attr(SUMMARY_ATTR, summary)
+        _write_json(tonight.output_dir / "summary.json", summary)
+        for line in describe(summary):
+            emit(line)
+        if config.schedule.notify:
+            notify(config.schedule.notify, summary, emit)
+        return {"regression": EXIT_REGRESSION, "no-result": 1}.get(summary["status"], 0)
+    finally:
+        lock.release()
+
+
+def nights(config: StudyConfig) -> dict[dt.date, str]:
+    """The nights of this study in its storage: date to study name."""
+    path = sqlite_path(config.storage_url)
+    if path is not None and not path.exists():
+        return {}
+    storage = open_storage(config.storage_url, writer=False)
+    pattern = re.compile(re.escape(config.study.name) + r"@(\d{4}-\d{2}-\d{2})")
+    found = {}
+    for name in optuna.get_all_study_names(storage):
+        match = pattern.fullmatch(name)
+        if match:
+            found[dt.date.fromisoformat(match.group(1))] = name
+    storage.engine.dispose()
+    return dict(sorted(found.items()))
+
+
+def stored_summary(tonight: StudyConfig) -> dict[str, Any] | None:
+    """The summary a finished night stored, or None for a night not run or not finished."""
+    if tonight.night not in nights(_base(tonight)):
+        return None
+    return _load(tonight, tonight.study.name).user_attrs.get(SUMMARY_ATTR)
+
+
+def earlier_night(config: StudyConfig, night: dt.date) -> EarlierNight | None:
+    """The most recent night before ``night`` with a complete trial."""
+    for date, name in sorted(nights(config).items(), reverse=True):
+        if date >= night:
+            continue
+        complete = _load(config, name).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if complete:
+            maximize = config.study.direction == "maximize"
+            return EarlierNight(date, sorted(complete, key=_value, reverse=maximize))
+    return None
+
+
+def _value(trial: FrozenTrial) -> float:
+    return trial.value if trial.value is not None else math.nan
+
+
+def fit_to_space(
+    params: dict[str, Any], space: SearchSpace
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """A configuration fitted to today's search space, and what had to change.
+
+    A parameter no longer searched is dropped; a number outside its range is
+    clipped (and put on the step); a new parameter is left to the sampler. A
+    choice that no longer exists makes the configuration unusable (None).
+    """
+    fitted: dict[str, Any] = {}
+    notes = []
+    for name, value in params.items():
+        distribution = space.distributions.get(name)
+        if distribution is None:
+            notes.append(f"{name} is no longer searched: dropped")
+        elif isinstance(distribution, CategoricalDistribution):
+            if value not in distribution.choices:
+                return None, [f"{name} = {value!r} is no longer a choice: skipped"]
+            fitted[name] = value
+        else:
+            fitted[name] = _clip(value, distribution)
+            if fitted[name] != value:
+                notes.append(f"{name} = {value:.6g} clipped to {fitted[name]:.6g}")
+    new = sorted(set(space.distributions) - set(params))
+    if new:
+        notes.append(f"{', '.join(new)} not searched last night: left to the sampler")
+    return fitted, notes
+
+
+def _clip(value: float, distribution: BaseDistribution) -> float:
+    low, high = distribution.low, distribution.high  # type: ignore[attr-defined]
+    step = getattr(distribution, "step", None)
+    clipped = min(max(value, low), high)
+    if step is not None and clipped != value:
+        clipped = min(high, low + round((clipped - low) / step) * step)
+    return type(value)(clipped) if isinstance(value, int) else clipped
+
+
+def _create_with_warm_start(
+    tonight: StudyConfig, previous: EarlierNight | None, emit: Callable[[str], None]
+) -> optuna.Study:
+    """Create or resume tonight's study; enqueue the warm start once, before any trial."""
+    from sweeper.study import create_or_resume
+
+    study = create_or_resume(tonight)
+    if WARM_START_ATTR in study.user_attrs:
+        emit(f"resuming night {tonight.night}")
+        return study
+    notes: list[str] = []
+    top_k = min(tonight.schedule.warm_start_top_k, tonight.study.n_trials)
+    if previous is None:
+        notes.append("no earlier night: no warm start")
+    elif top_k:
+        space = parse_space(tonight.search, tonight.path)
+        seen: list[dict[str, Any]] = []
+        for trial in previous.best:
+            if len(seen) == top_k:
+                break
+            fitted, changes = fit_to_space(trial.params, space)
+            origin = f"night {previous.date} trial {trial.number}"
+            if fitted is None or fitted in seen:
+                notes.append(f"{origin}: {'; '.join(changes) or 'same as one already queued'}")
+                continue
+            seen.append(fitted)
+            study.enqueue_trial(fitted, user_attrs={"warm_start_from": origin})
+            notes.append(f"{origin} queued" + (f" ({'; '.join(changes)})" if changes else ""))
+    for note in notes:
+        emit(f"warm start: {note}")
+    study.set_user_attr(WARM_START_ATTR, notes)
+    return study
+
+
+def summarize(
+    tonight: StudyConfig, study: optuna.Study, previous: EarlierNight | None
+) -> dict[str, Any]:
+    """The night's result against the night before: best, delta, changed params, counts."""
+    from sweeper.best import best_trial
+    from sweeper.report import duration
+    from sweeper.study import counts
+
+    best = best_trial(study)
+    count = counts(study)
+    maximize = tonight.study.direction == "maximize"
+    summary: dict[str, Any] = {
+        "study": tonight.base_name,
+        "night": tonight.night.isoformat() if tonight.night else None,
+        "metric": tonight.study.metric,
+        "direction": tonight.study.direction,
+        "best_value": best.value if best else None,
+        "best_trial": best.number if best else None,
+        "best_params": best.params if best else {},
+        "previous_night": previous.date.isoformat() if previous else None,
+        "previous_best_value": previous.best[0].value if previous else None,
+        "delta": None,
+        "changed_params": {},
+        "trials": count["complete"] + count["pruned"],
+        "complete": count["complete"],
+        "pruned": count["pruned"],
+        "failed": count["fail"],
+        "duration_s": round(duration(study.get_trials(deepcopy=False)).total_seconds(), 1),
+        "tolerance": tonight.schedule.regression_tolerance,
+        "warm_start": study.user_attrs.get(WARM_START_ATTR, []),
+    }
+    if best is None:
+        summary["status"] = "no-result" if previous is None else "regression"
+        return summary
+    if previous is None:
+        summary["status"] = "first"
+        return summary
+    before = previous.best[0]
+    assert best.value is not None and before.value is not None
+    delta = best.value - before.value
+    worse = -delta if maximize else delta
+    summary["delta"] = delta
+    summary["changed_params"] = {
+        name: {"before": before.params.get(name), "after": best.params.get(name)}
+        for name in sorted(set(before.params) | set(best.params))
+        if before.params.get(name) != best.params.get(name)
+    }
+    if worse > tonight.schedule.regression_tolerance:
+        summary["status"] = "regression"
+    elif worse < 0:
+        summary["status"] = "improved"
+    else:
+        summary["status"] = "steady"
+    return summary
+
+
+def describe(summary: dict[str, Any]) -> list[str]:
+    """The summary as a few lines for the log."""
+    night, metric = summary["night"], summary["metric"]
+    if summary["best_value"] is None:
+        lines = [f"night {night}: no trial completed"]
+    else:
+        lines = [f"night {night}: best {metric}={summary['best_value']:.6g}"]
+    if summary["previous_night"] is not None and summary["delta"] is not None:
+        lines[0] += (
+            f", {summary['delta']:+.6g} against night {summary['previous_night']} "
+            f"({summary['previous_best_value']:.6g})"
+        )
+    lines[0] += f": {summary['status']}"
+    for name, change in summary["changed_params"].items():
+        lines.append(f"  {name}: {change['before']!r} -> {change['after']!r}")
+    if summary["status"] == "regression":
+        lines.append(
+            f"regression: worse than night {summary['previous_night']} by more than "
+            f"{summary['tolerance']:g}; exit code {EXIT_REGRESSION}"
+        )
+    return lines
+
+
+def history(config: StudyConfig) -> list[dict[str, Any]]:
+    """One row per night, oldest first; a night without a summary is unfinished."""
+    rows = []
+    for date, name in nights(config).items():
+        study = _load(config, name)
+        summary = study.user_attrs.get(SUMMARY_ATTR)
+        if summary is None:
+            from sweeper.study import counts
+
+            count = counts(study)
+            summary = {
+                "night": date.isoformat(),
+                "best_value": None,
+                "delta": None,
+                "trials": count["complete"] + count["pruned"],
+                "pruned": count["pruned"],
+                "failed": count["fail"],
+                "duration_s": None,
+                "status": "unfinished",
+            }
+        rows.append(summary)
+    return rows
+
+
+def notify(url: str, summary: dict[str, Any], emit: Callable[[str], None]) -> bool:
+    """POST the summary as JSON; retried with back-off, never raises. True when delivered."""
+    body = json.dumps(summary).encode()
+    for attempt in range(1, NOTIFY_ATTEMPTS + 1):
+        request = urllib.request.Request(
+            url, data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                emit(f"notified {url} (HTTP {response.status})")
+                return True
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            emit(f"notify {url}: attempt {attempt} of {NOTIFY_ATTEMPTS} failed: {reason}")
+        if attempt < NOTIFY_ATTEMPTS:
+            time.sleep(NOTIFY_BACKOFF * 2 ** (attempt - 1))
+    emit(f"notify {url}: gave up; the night's result stands")
+    return False
+
+
+def _earlier_reports(config: StudyConfig, night: dt.date) -> list[tuple[str, str]]:
+    """Links from tonight's report to the reports of the nights before it, latest first."""
+    links = []
+    for date in sorted(nights(config), reverse=True):
+        report = config.for_night(date).output_dir / "report.html"
+        if date < night and report.exists():
+            links.append((date.isoformat(), f"../{date.isoformat()}/report.html"))
+    return links
+
+
+def _load(config: StudyConfig, name: str) -> optuna.Study:
+    return optuna.load_study(
+        study_name=name, storage=open_storage(config.storage_url, writer=False)
+    )
+
+
+def _base(tonight: StudyConfig) -> StudyConfig:
+    study = tonight.study.model_copy(update={"name": tonight.base_name})
+    return tonight.model_copy(update={"study": study, "night": None})
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(partial, path)
