@@ -207,6 +207,190 @@ def status(study_file: StudyFile, debug: Debug = False) -> None:
         _say(f"best so far: trial {best_row['trial']}, {data['metric']}={best_row['value']:.4f}")
 
 
+@app.command()
+@handles_errors
+def nightly(
+    study_file: StudyFile,
+    date: Annotated[
+        str | None,
+        typer.Option(
+            "--date",
+            help="The night to run, YYYY-MM-DD; default today in the [schedule] time zone.",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Run a finished night again.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Run tonight's sweep, warm-started from last night; exit 3 on a regression."""
+    from sweeper.nightly import run_night, today
+
+    config = load_config(study_file)
+    night = _night(date) if date is not None else today(config)
+    code = run_night(config, night, force=force, emit=_say)
+    if code:
+        raise typer.Exit(code)
+
+
+def _night(text: str) -> Any:
+    import datetime as dt
+
+    from sweeper.errors import ConfigError
+
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--date: expected YYYY-MM-DD, got {text!r}") from None
+
+
+@app.command()
+@handles_errors
+def history(
+    study_file: StudyFile,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    debug: Debug = False,
+) -> None:
+    """One row per night: best value, change, trials, duration, status."""
+    from rich import box
+    from rich.table import Table
+
+    from sweeper.nightly import history as rows_of
+
+    config = load_config(study_file)
+    rows = rows_of(config)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+        return
+    if not rows:
+        _say(f"no nights of study {config.study.name!r} yet; run `sweeper nightly {study_file}`")
+        return
+    table = Table(
+        title=f"nights of {config.study.name} ({config.study.metric})",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for column in ("date", "best", "delta", "trials", "pruned", "failed", "duration", "status"):
+        justify: Any = "left" if column in {"date", "status"} else "right"
+        table.add_column(column, justify=justify, no_wrap=True)
+    for row in rows:
+        table.add_row(
+            row["night"],
+            _number(row["best_value"]),
+            "" if row["delta"] is None else f"{row['delta']:+.4g}",
+            str(row["trials"]),
+            str(row["pruned"]),
+            str(row["failed"]),
+            "" if row["duration_s"] is None else f"{row['duration_s']:.0f} s",
+            row["status"],
+        )
+    wide = out if out.is_terminal else Console(highlight=False, width=100)
+    wide.print(table)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+schedule_app = typer.Typer(
+    help="Run `sweeper nightly` on [schedule] cron, from crontab or a systemd timer.",
+    no_args_is_help=True,
+)
+app.add_typer(schedule_app, name="schedule")
+CrontabFile = Annotated[
+    Path | None,
+    typer.Option("--crontab-file", help="Edit this file instead of the user's crontab."),
+]
+Systemd = Annotated[bool, typer.Option("--systemd", help="A systemd user timer, not crontab.")]
+
+
+@schedule_app.command("install")
+@handles_errors
+def schedule_install(
+    study_file: StudyFile,
+    systemd: Systemd = False,
+    enable: Annotated[
+        bool, typer.Option("--enable/--no-enable", help="Enable the systemd timer now.")
+    ] = True,
+    crontab_file: CrontabFile = None,
+    debug: Debug = False,
+) -> None:
+    """Install the nightly run; installing again changes nothing."""
+    from sweeper import schedule
+
+    config = load_config(study_file)
+    schedule.log_file(config).parent.mkdir(parents=True, exist_ok=True)
+    if systemd:
+        schedule.install_systemd(config, enable, _say)
+        return
+    crontab = schedule.Crontab(crontab_file)
+    block = schedule.crontab_block(config)
+    before = crontab.read()
+    after = schedule.install_crontab(before, block, block[0])
+    if after == before:
+        _say(f"already installed for {config.path}; nothing changed")
+    else:
+        crontab.write(after)
+        _say(f"installed: {block[1]}")
+    warning = schedule.zone_warning(config)
+    if warning:
+        err.print(f"warning: {warning}", markup=False)
+
+
+@schedule_app.command("show")
+@handles_errors
+def schedule_show(
+    study_file: StudyFile,
+    systemd: Systemd = False,
+    crontab_file: CrontabFile = None,
+    debug: Debug = False,
+) -> None:
+    """Show the installed entry and the next runs."""
+    from sweeper import schedule
+
+    config = load_config(study_file)
+    lines: list[str] = []
+    if systemd:
+        for name in schedule.systemd_units(config):
+            path = schedule.unit_dir() / name
+            if path.exists():
+                lines.append(f"{path}:\n{path.read_text()}")
+    else:
+        marker = schedule.MARKER + str(config.path)
+        lines = schedule.find_block(schedule.Crontab(crontab_file).read(), marker) or []
+    for line in lines:
+        _say(line)
+    if not lines:
+        _say(f"no schedule installed for {config.path}")
+        raise typer.Exit(1)
+    runs = ", ".join(run.isoformat(timespec="minutes") for run in schedule.next_runs(config))
+    _say(f"next runs ({config.schedule.timezone}): {runs}")
+
+
+@schedule_app.command("remove")
+@handles_errors
+def schedule_remove(
+    study_file: StudyFile,
+    systemd: Systemd = False,
+    crontab_file: CrontabFile = None,
+    debug: Debug = False,
+) -> None:
+    """Remove the entry; every other line of the crontab stays as it was."""
+    from sweeper import schedule
+
+    config = load_config(study_file)
+    if systemd:
+        if not schedule.remove_systemd(config, _say):
+            _say(f"no systemd units for {config.path}; nothing changed")
+        return
+    crontab = schedule.Crontab(crontab_file)
+    before = crontab.read()
+    after = schedule.remove_crontab(before, schedule.MARKER + str(config.path))
+    if after == before:
+        _say(f"no schedule installed for {config.path}; nothing changed")
+        return
+    crontab.write(after)
+    _say(f"removed the schedule of {config.path}")
+
+
 def _counts_line(data: dict[str, Any]) -> str:
     c = data["counts"]
     finished = c["complete"] + c["pruned"]

@@ -68,17 +68,20 @@ def run_night(
     from sweeper.start import start, validate
 
     tonight = config.for_night(night)
-    validate(tonight)
     lock_path = config.output_dir / "nightly.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_path)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        emit(
-            f"another `sweeper nightly` of study {config.study.name!r} is running "
-            f"(it holds {lock_path}); nothing to do"
-        )
+    busy = (
+        f"another `sweeper nightly` of study {config.study.name!r} is running "
+        f"(it holds {lock_path}); nothing to do"
+    )
+    if lock_path.exists() and not _try(lock):  # answer at once, before importing the task
+        emit(busy)
+        return 0
+    lock.release()
+    validate(tonight)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    if not _try(lock):
+        emit(busy)
         return 0
     try:
         finished = stored_summary(tonight)
@@ -107,6 +110,14 @@ def run_night(
         return {"regression": EXIT_REGRESSION, "no-result": 1}.get(summary["status"], 0)
     finally:
         lock.release()
+
+
+def _try(lock: FileLock) -> bool:
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    return True
 
 
 def nights(config: StudyConfig) -> dict[dt.date, str]:
@@ -208,8 +219,11 @@ def _create_with_warm_start(
                 break
             fitted, changes = fit_to_space(trial.params, space)
             origin = f"night {previous.date} trial {trial.number}"
-            if fitted is None or fitted in seen:
-                notes.append(f"{origin}: {'; '.join(changes) or 'same as one already queued'}")
+            if fitted is None:
+                notes.append(f"{origin}: {'; '.join(changes)}")
+                continue
+            if fitted in seen:
+                notes.append(f"{origin}: the same as one already queued once fitted: skipped")
                 continue
             seen.append(fitted)
             study.enqueue_trial(fitted, user_attrs={"warm_start_from": origin})

@@ -1,0 +1,304 @@
+"""Nightly sweeps end to end (real processes, a real webhook server) and the schedule files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from sweeper.nightly import EXIT_REGRESSION, fit_to_space
+from sweeper.schedule import on_calendar
+from sweeper.space import SearchSpace
+from tests.conftest import StudyDir, run_sweeper, study, sweeper_cmd
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class Hook:
+    """A local HTTP server that records POSTed JSON; it answers 500 to the first ``fail``."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.attempts = 0
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                hook.attempts += 1
+                if hook.attempts <= fail:
+                    self.send_response(500)
+                else:
+                    hook.received.append(json.loads(body))
+                    self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def hook() -> Iterator[Hook]:
+    server = Hook(fail=1)
+    yield server
+    server.server.shutdown()
+
+
+def nightly_study(hook_url: str, **search: Any) -> dict[str, Any]:
+    return study(
+        study={"n_trials": 4},
+        search={
+            "lr": {"low": 1e-3, "high": 1.0, "log": True},
+            "hidden": {"low": 4, "high": 32, "step": 4},
+            **search,
+        },
+        schedule={"warm_start_top_k": 2, "regression_tolerance": 0.01, "notify": hook_url},
+    )
+
+
+def night_study(study_dir: StudyDir, date: str) -> optuna.Study:
+    return optuna.load_study(study_name=f"tiny@{date}", storage=f"sqlite:///{study_dir.db}")
+
+
+def test_three_nights_warm_start_lock_regression_and_webhook(
+    study_dir: StudyDir, hook: Hook
+) -> None:
+    path = study_dir.write(nightly_study(hook.url, sleep=0.2))
+    night_dir = study_dir.root / "tiny" / "nights"
+
+    first = subprocess.Popen(
+        [*sweeper_cmd("nightly", str(path), "--date", "2026-11-20")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert first.stdout is not None
+    lines = []
+    for line in first.stdout:
+        lines.append(line)
+        if line.startswith("warm start:"):
+            break
+    started = time.monotonic()
+    second = run_sweeper("nightly", str(path), "--date", "2026-11-20")
+    assert second.returncode == 0, second.stderr
+    assert "another `sweeper nightly` of study 'tiny' is running" in second.stdout
+    assert time.monotonic() - started < 15, "the second run answers without running trials"
+    rest, _ = first.communicate(timeout=300)
+    output = "".join(lines) + rest
+    assert first.returncode == 0, output
+    assert "warm start: no earlier night" in output
+    assert "night 2026-11-20: best val_acc=" in output and ": first" in output
+    assert "attempt 1 of 3 failed" in output, "the webhook's first 500 is retried"
+    assert [body["night"] for body in hook.received] == ["2026-11-20"]
+    night1 = night_study(study_dir, "2026-11-20")
+    assert len(night1.trials) == 4, "the second run added nothing"
+
+    path = study_dir.write(nightly_study(hook.url))
+    result = run_sweeper("nightly", str(path), "--date", "2026-11-21")
+    assert result.returncode == 0, result.stdout + result.stderr
+    top = sorted(
+        (t for t in night1.trials if t.value is not None), key=lambda t: t.value, reverse=True
+    )[:2]
+    night2 = night_study(study_dir, "2026-11-21")
+    first_two = sorted(night2.trials, key=lambda t: t.number)[:2]
+    assert [t.params for t in first_two] == [t.params for t in top]
+    assert first_two[0].user_attrs["warm_start_from"] == f"night 2026-11-20 trial {top[0].number}"
+
+    again = run_sweeper("nightly", str(path), "--date", "2026-11-21")
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert len(night_study(study_dir, "2026-11-21").trials) == 4
+
+    # Night 3 searches only learning rates far too small to learn: worse on purpose.
+    path = study_dir.write(
+        nightly_study(hook.url)
+        | {
+            "search": {
+                "lr": {"low": 1e-7, "high": 2e-7, "log": True},
+                "hidden": {"low": 4, "high": 32, "step": 4},
+            }
+        }
+    )
+    result = run_sweeper("nightly", str(path), "--date", "2026-11-22")
+    assert result.returncode == EXIT_REGRESSION, result.stdout + result.stderr
+    assert "clipped to 2e-07" in result.stdout
+    assert "regression: worse than night 2026-11-21" in result.stdout
+    summary = json.loads((night_dir / "2026-11-22" / "summary.json").read_text())
+    assert summary["status"] == "regression" and summary["previous_night"] == "2026-11-21"
+    assert summary["delta"] < -0.01 and "lr" in summary["changed_params"]
+    assert [body["status"] for body in hook.received][-1] == "regression"
+    report = (night_dir / "2026-11-22" / "report.html").read_text()
+    assert '<a href="../2026-11-21/report.html">' in report
+    assert '<a href="../2026-11-20/report.html">' in report
+
+    history = run_sweeper("history", str(path), "--json")
+    rows = json.loads(history.stdout)
+    assert [(r["night"], r["status"]) for r in rows] == [
+        ("2026-11-20", "first"),
+        ("2026-11-21", rows[1]["status"]),
+        ("2026-11-22", "regression"),
+    ]
+    assert rows[1]["status"] in {"improved", "steady", "regression"}
+    table = run_sweeper("history", str(path))
+    assert "2026-11-22" in table.stdout and "regression" in table.stdout
+
+
+def test_a_dead_webhook_never_fails_the_night(study_dir: StudyDir) -> None:
+    from tests.conftest import free_port
+
+    path = study_dir.write(nightly_study(f"http://127.0.0.1:{free_port()}/hook"))
+    result = run_sweeper("nightly", str(path), "--date", "2026-11-20")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "attempt 3 of 3 failed" in result.stdout
+    assert "gave up; the night's result stands" in result.stdout
+
+
+def test_bad_date_is_refused_and_nothing_written(study_dir: StudyDir) -> None:
+    path = study_dir.write(nightly_study("http://127.0.0.1:9/hook"))
+    result = run_sweeper("nightly", str(path), "--date", "2026-13-01")
+    assert result.returncode == 2
+    assert "--date: expected YYYY-MM-DD, got '2026-13-01'" in result.stderr
+    assert study_dir.created() == []
+
+
+def test_fit_to_space_clips_drops_and_skips() -> None:
+    space = SearchSpace(
+        {
+            "lr": FloatDistribution(1e-4, 1e-1, log=True),
+            "hidden": IntDistribution(16, 64, step=16),
+            "optimizer": CategoricalDistribution(["adam", "sgd"]),
+            "dropout": FloatDistribution(0.0, 0.5),
+        },
+        {},
+    )
+    fitted, notes = fit_to_space(
+        {"lr": 0.5, "hidden": 100, "optimizer": "sgd", "warmup": 3}, space
+    )
+    assert fitted == {"lr": 0.1, "hidden": 64, "optimizer": "sgd"}
+    assert notes == [
+        "lr = 0.5 clipped to 0.1",
+        "hidden = 100 clipped to 64",
+        "warmup is no longer searched: dropped",
+        "dropout not searched last night: left to the sampler",
+    ]
+    fitted, notes = fit_to_space({"lr": 0.01, "hidden": 32, "optimizer": "lion"}, space)
+    assert fitted is None and notes == ["optimizer = 'lion' is no longer a choice: skipped"]
+
+
+CRONTAB = "MAILTO=ops@example.org\n# nightly backups\n30 1 * * * /usr/local/bin/backup --all\n"
+
+
+def test_crontab_install_show_remove_keep_other_lines(study_dir: StudyDir) -> None:
+    path = study_dir.write(study(schedule={"cron": "15 3 * * 1-5"}))
+    crontab = study_dir.root / "crontab"
+    crontab.write_text(CRONTAB)
+    args = ("--crontab-file", str(crontab))
+
+    installed = run_sweeper("schedule", "install", str(path), *args)
+    assert installed.returncode == 0, installed.stderr
+    text = crontab.read_text()
+    assert text.startswith(CRONTAB)
+    marker, entry = text[len(CRONTAB) :].splitlines()
+    assert marker == f"# sweeper nightly: {path}"
+    assert entry.startswith("15 3 * * 1-5 cd ")
+    assert f"{sys.executable} -m sweeper.cli nightly {path}" in entry
+    assert entry.endswith(f">> {study_dir.root / 'tiny' / 'nightly.log'} 2>&1")
+    assert (study_dir.root / "tiny").is_dir(), "the log's folder exists for cron"
+
+    again = run_sweeper("schedule", "install", str(path), *args)
+    assert "nothing changed" in again.stdout and crontab.read_text() == text
+
+    shown = run_sweeper("schedule", "show", str(path), *args)
+    assert shown.returncode == 0 and entry in shown.stdout and "next runs (UTC)" in shown.stdout
+
+    removed = run_sweeper("schedule", "remove", str(path), *args)
+    assert removed.returncode == 0
+    assert crontab.read_bytes() == CRONTAB.encode()
+    shown = run_sweeper("schedule", "show", str(path), *args)
+    assert shown.returncode == 1 and "no schedule installed" in shown.stdout
+
+
+def test_crontab_without_cron_installed_or_configured(study_dir: StudyDir) -> None:
+    path = study_dir.write(study(schedule={"timezone": "UTC"}))
+    result = run_sweeper("schedule", "install", str(path), "--crontab-file", "crontab")
+    assert result.returncode == 2
+    assert f"{path}: schedule.cron: required to install a schedule" in result.stderr
+
+    path = study_dir.write(study(schedule={"cron": "0 2 * * *"}))
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+    result = subprocess.run(
+        sweeper_cmd("schedule", "install", str(path)), capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 2
+    assert "no `crontab` command on this machine" in result.stderr
+
+
+def test_systemd_units_install_and_remove(study_dir: StudyDir, tmp_path: Path) -> None:
+    path = study_dir.write(study(schedule={"cron": "0 2 * * *", "timezone": "Europe/Paris"}))
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(sweeper_cmd(*args), capture_output=True, text=True, env=env)
+
+    result = run("schedule", "install", str(path), "--systemd", "--no-enable")
+    assert result.returncode == 0, result.stderr
+    units = tmp_path / "config" / "systemd" / "user"
+    timer = (units / "sweeper-nightly-tiny.timer").read_text()
+    service = (units / "sweeper-nightly-tiny.service").read_text()
+    assert "OnCalendar=*-*-* 02:00:00 Europe/Paris" in timer
+    assert f"ExecStart={sys.executable} -m sweeper.cli nightly {path}" in service
+    assert "systemctl --user enable --now sweeper-nightly-tiny.timer" in result.stdout
+    again = run("schedule", "install", str(path), "--systemd", "--no-enable")
+    assert "wrote" not in again.stdout
+    result = run("schedule", "remove", str(path), "--systemd")
+    assert result.returncode == 0 and not list(units.iterdir())
+
+
+@pytest.mark.parametrize(
+    "cron",
+    [
+        "0 2 * * *",
+        "*/15 * * * *",
+        "30 4 1 * *",
+        "0 6 * * 1-5",
+        "0 0 * * sun",
+        "@daily",
+        "5 1,13 * 2 *",
+    ],
+)
+def test_systemd_calendar_fires_when_cron_does(cron: str) -> None:
+    from croniter import croniter
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed: the calendar cannot be checked")
+    start = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+    calendar = on_calendar(cron, "UTC")
+    result = subprocess.run(
+        [analyze, "calendar", "--iterations=3", "--base-time=2026-11-25 12:00:00 UTC", calendar],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TZ": "UTC", "SYSTEMD_COLORS": "0"},
+    )
+    assert result.returncode == 0, result.stderr
+    expected = croniter(cron, start)
+    wanted = [expected.get_next(dt.datetime).strftime("%Y-%m-%d %H:%M:%S") for _ in range(3)]
+    fires = re.findall(r"(?:Next elapse|Iter\. #\d+): \w+ (\S+ \S+) UTC", result.stdout)
+    assert fires == wanted, result.stdout
