@@ -302,3 +302,17 @@ def test_systemd_calendar_fires_when_cron_does(cron: str) -> None:
     wanted = [expected.get_next(dt.datetime).strftime("%Y-%m-%d %H:%M:%S") for _ in range(3)]
     fires = re.findall(r"(?:Next elapse|Iter\. #\d+): \w+ (\S+ \S+) UTC", result.stdout)
     assert fires == wanted, result.stdout
+
+
+def test_kubernetes_example_runs_the_digits_schedule() -> None:
+    import tomllib
+
+    import yaml
+
+    root = Path(__file__).parent.parent
+    job = yaml.safe_load((root / "docker" / "nightly-cronjob.yaml").read_text())
+    schedule = tomllib.loads((root / "studies" / "digits.toml").read_text())["schedule"]
+    assert job["spec"]["schedule"] == schedule["cron"]
+    assert job["spec"]["timeZone"] == schedule["timezone"]
+    container = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["nightly", "/studies/digits.toml"]
