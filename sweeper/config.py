@@ -78,6 +78,13 @@ class ResourcesSection(_Section):
     trial_timeout: PositiveFloat | None = None
 
 
+class AuditSection(_Section):
+    """The data audit: see :mod:`sweeper.audit`."""
+
+    min_examples_per_class: PositiveInt = 20
+    max_metric_step: float = Field(default=0.01, gt=0.0, le=1.0)
+
+
 class ScheduleSection(_Section):
     """Nightly sweeps: see :mod:`sweeper.nightly` and :mod:`sweeper.schedule`."""
 
@@ -134,6 +141,7 @@ class StudyConfig(_Section):
     divergence: DivergenceSection = DivergenceSection()
     resources: ResourcesSection = ResourcesSection()
     schedule: ScheduleSection = ScheduleSection()
+    audit: AuditSection = AuditSection()
     night: dt.date | None = None
     """Set by :meth:`for_night`, never by the study file."""
 

@@ -59,13 +59,16 @@ def start(
     n_trials: int | None = None,
     live: Callable[[Any], None] | None = None,
     earlier: Sequence[tuple[str, str]] = (),
+    force: bool = False,
 ) -> Outcome:
     """Run the study to ``n_trials`` finished trials on every slot; return the best.
 
     ``emit`` gets one line per event; ``live``, when given, a fresh view of the
     study at every check (a terminal shows it in place); ``earlier`` links the
-    report to the reports of earlier nights.
+    report to the reports of earlier nights. Errors of the data audit stop the
+    sweep before anything is written, unless ``force``.
     """
+    from sweeper.audit import STORED, audit, enforce
     from sweeper.best import summary, write_best_toml
     from sweeper.dashboard import publish
     from sweeper.launcher import Sweep
@@ -74,8 +77,13 @@ def start(
     from sweeper.storage import mask_url
     from sweeper.study import create_or_resume, recover_orphans, systematic_failure
 
+    findings = audit(config)
+    for line in findings.lines():
+        emit(line)
+    enforce(findings, config, force)
     slots = validate(config)
     study = create_or_resume(config)
+    study.set_user_attr("data_audit", findings.to_dict(rows=STORED))
     recovered = recover_orphans(study)
     for number in recovered:
         emit(f"trial {number} was left running by a stopped sweep: failed and enqueued again")

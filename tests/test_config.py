@@ -114,6 +114,14 @@ CASES = {
         study(schedule={"regression_tolerence": 0.1}),
         ["schedule.regression_tolerence: unknown key; did you mean 'regression_tolerance'?"],
     ),
+    "audit step out of range": (
+        study(audit={"max_metric_step": 0}),
+        ["audit.max_metric_step:", "greater than 0"],
+    ),
+    "audit key misspelt": (
+        study(audit={"min_examples": 5}),
+        ["audit.min_examples: unknown key; did you mean 'min_examples_per_class'?"],
+    ),
     "internal key in the file": (study(night={"x": 1}), ["night: unknown key"]),
     "bad devices": (study(resources={"devices": "gpu"}), ["resources.devices: must be"]),
     "missing GPU": (

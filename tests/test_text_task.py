@@ -43,14 +43,15 @@ def tiny_bert(folder: Path) -> Path:
 
 
 def sentences(n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` different sentences (so no split repeats or leaks into another)."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
+    rows: dict[str, str] = {}
+    while len(rows) < n:
         label = rng.choice(["positive", "negative"])
         words = [*rng.sample(FILLER, 3), rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
         rng.shuffle(words)
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
+        rows.setdefault(" ".join(words), label)
+    return [{"text": text, "label": label} for text, label in rows.items()]
 
 
 def write_csv(path: Path, rows: list[dict[str, str]], fields=("text", "label")) -> Path:
@@ -67,8 +68,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def text_study(root: Path, model: Path, search: dict | None = None, **task) -> dict:
-    write_csv(root / "train.csv", sentences(160, 1))
-    write_csv(root / "val.csv", sentences(48, 2))
+    rows = sentences(208, 1)
+    write_csv(root / "train.csv", rows[:160])
+    write_csv(root / "val.csv", rows[160:])
     return {
         "study": {
             "name": "text",
@@ -244,6 +246,11 @@ def test_unknown_label_in_val_and_empty_file(study_dir: StudyDir, model_dir: Pat
     write_csv(study_dir.root / "val.csv", [{"text": "good day", "label": "mixed"}])
     result = runner.invoke(app, ["start", str(path)])
     assert result.exit_code == 2
+    message = " ".join(result.output.split())
+    assert "missing class: train has no example of 'mixed': the model never learns it" in message
+    assert "val.csv:2 (mixed): 'good day'" in message
+    result = runner.invoke(app, ["start", str(path), "--force"])
+    assert result.exit_code == 2, "--force passes the audit, not a label the model cannot have"
     assert "task.val: row 1 has label 'mixed', which the training data does not have" in " ".join(
         result.output.split()
     )

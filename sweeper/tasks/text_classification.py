@@ -9,6 +9,7 @@ processes can be forked safely). Each trial loads the model and trains it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -164,10 +165,36 @@ def _tokenizer(config: StudyConfig, folder: Path) -> Any:
         ) from None
 
 
+def examples(config: StudyConfig) -> dict[str, list[Any]]:
+    """The examples of train and val with their file and line, for the data audit."""
+    from sweeper.audit import Example
+
+    options = _options(config)
+    splits: dict[str, list[Any]] = {}
+    for split in ("train", "val"):
+        splits[split] = []
+        for number, (where, row) in enumerate(
+            _located_rows(config, split, getattr(options, split)), 1
+        ):
+            _label(config, split, row, number, options)  # both columns are there
+            text, label = row[options.text_column], row[options.label_column]
+            splits[split].append(
+                Example(
+                    where, "" if text is None else str(text), "" if label is None else str(label)
+                )
+            )
+    return splits
+
+
 def _rows(config: StudyConfig, key: str, value: str) -> list[dict[str, Any]]:
+    return [row for _, row in _located_rows(config, key, value)]
+
+
+def _located_rows(config: StudyConfig, key: str, value: str) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of a split, each with where it came from (``file:line`` or ``row N``)."""
     source = _resolve(config, key, value)
     if not isinstance(source, Path):
-        rows = list(source)
+        rows = [(f"{value} row {number}", row) for number, row in enumerate(source, 1)]
         where = f"{config.path}: task.{key}: {value}"
     else:
         where = str(source)
@@ -176,24 +203,27 @@ def _rows(config: StudyConfig, key: str, value: str) -> list[dict[str, Any]]:
         rows = _read_file(source)
     if not rows:
         raise DataError(f"{where}: no rows")
-    if not all(isinstance(row, dict) for row in rows):
+    if not all(isinstance(row, dict) for _, row in rows):
         raise DataError(f"{where}: rows must be mappings of column to value")
     return rows
 
 
-def _read_file(path: Path) -> list[dict[str, Any]]:
+def _read_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
     text = path.read_text(encoding="utf-8")
+    rows = []
     if path.suffix.lower() in {".jsonl", ".json"}:
-        rows = []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((f"{path.name}:{number}", json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: not a JSON object: {exc.msg}") from None
         return rows
-    return list(csv.DictReader(text.splitlines()))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for row in reader:
+        rows.append((f"{path.name}:{reader.line_num}", row))
+    return rows
 
 
 def _label(
