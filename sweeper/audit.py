@@ -352,7 +352,7 @@ def _balance(
                 "warning",
                 "small val split",
                 f"val has {val_total} examples: one example moves accuracy by "
-                f"{100 / val_total:.1f} points (more than {100 * max_metric_step:g}); "
+                f"{100 / val_total:.1f} points, more than max_metric_step = {max_metric_step:g}; "
                 f"{_needed(max_metric_step)} or more are needed to trust differences that small",
             )
         )

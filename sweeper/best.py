@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sweeper import __version__
 from sweeper.config import StudyConfig
+from sweeper.overfitting import describe as describe_overfit
 from sweeper.study import counts, trial_seed
 
 PACKAGES = ("optuna", "torch", "lightning", "torchmetrics", "transformers")
@@ -59,6 +60,11 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
         "epoch": best.user_attrs.get("best_epoch"),
         "metrics": {k: v for k, v in at_best.items() if k not in {"step", "epoch"}},
         "duration_s": _seconds(best),
+        "stop_reason": best.user_attrs.get("stop_reason"),
+        "gap": best.user_attrs.get("gap", {}),
+        "overfit": best.user_attrs.get("overfit"),
+        "weights": best.user_attrs.get("weights"),
+        "confident_errors": best.user_attrs.get("confident_errors", []),
         "reproduce": {
             "study_file": str(config.path),
             "study_seed": config.study.seed,
@@ -93,12 +99,18 @@ def write_best_toml(config: StudyConfig, data: dict[str, Any]) -> Path | None:
     head.add("metric", config.study.metric)
     head.add("value", best["value"])
     head.add("trial", best["trial"])
-    for key in ("step", "epoch", "duration_s"):
+    for key in ("step", "epoch", "duration_s", "stop_reason", "weights"):
         if best[key] is not None:
             head.add(key, best[key])
     doc.add("best", head)
     doc.add("params", _table({**best["fixed"], **best["params"]}))
     doc.add("metrics", _table(best["metrics"]))
+    if best["gap"] or best["overfit"]:
+        view = _table({f"gap_{name}": value for name, value in best["gap"].items()})
+        view.add("overfit", best["overfit"] is not None)
+        if best["overfit"] is not None:
+            view.add("overfit_detail", describe_overfit(best["overfit"], config.study.metric))
+        doc.add("overfitting", view)
     reproduce = dict(best["reproduce"])
     version_table = _table(reproduce.pop("versions"))
     reproduce_table = _table(reproduce)

@@ -67,23 +67,35 @@ class TrialRecorder(pl.Callback):
     """Records every validation on the trial and lets the study's pruner decide.
 
     At each validation: the study metric is reported as an intermediate value
-    at the global step; every ``val_*`` metric and the mean training loss since
-    the previous validation are appended to ``user_attrs["history"]``; the best
-    value so far and its step are kept for the objective.
+    at the global step; every ``val_*`` and ``train_*`` metric, with the mean
+    training loss since the previous validation as ``train_loss``, is appended
+    to ``user_attrs["history"]``; the best value so far and its step are kept
+    for the objective. At each new best the module's ``validation_errors``
+    (if it has them) are kept, and with ``keep_weights`` a CPU copy of its
+    weights.
     """
 
     def __init__(
-        self, trial: optuna.Trial, metric: str, direction: str, pruner: str, guard: bool = True
+        self,
+        trial: optuna.Trial,
+        metric: str,
+        direction: str,
+        pruner: str,
+        guard: bool = True,
+        keep_weights: bool = False,
     ) -> None:
         self.trial = trial
         self.guard = guard
         self.metric = metric
         self.maximize = direction == "maximize"
         self.pruner = pruner
+        self.keep_weights = keep_weights
         self.history: list[dict[str, float | int]] = []
         self.best: float | None = None
         self.best_step: int | None = None
         self.best_epoch: int | None = None
+        self.best_errors: list[dict[str, Any]] = []
+        self.best_weights: dict[str, Any] | None = None
         self._losses: list[float] = []
 
     def on_train_batch_end(
@@ -115,7 +127,13 @@ class TrialRecorder(pl.Callback):
             )
         value = metrics[self.metric]
         record: dict[str, float | int] = {"step": step, "epoch": epoch}
-        record.update({k: v for k, v in metrics.items() if k.startswith("val")})
+        record.update(
+            {
+                k: v
+                for k, v in metrics.items()
+                if k.startswith("val") or (k.startswith("train_") and k != "train_loss")
+            }
+        )
         if self._losses:
             record["train_loss"] = sum(self._losses) / len(self._losses)
         elif "train_loss" in metrics:
@@ -130,6 +148,12 @@ class TrialRecorder(pl.Callback):
             raise ValueError(f"the study metric {self.metric} is {value} at step {step}")
         if self.best is None or (value > self.best if self.maximize else value < self.best):
             self.best, self.best_step, self.best_epoch = value, step, epoch
+            self.best_errors = list(getattr(pl_module, "validation_errors", None) or [])
+            if self.keep_weights:
+                self.best_weights = {
+                    name: tensor.detach().to("cpu", copy=True)
+                    for name, tensor in pl_module.state_dict().items()
+                }
         self.trial.report(value, step)
         if self.trial.should_prune():
             raise TrialStopped(f"pruned by {self.pruner} at step {step}", step, pruned=True)

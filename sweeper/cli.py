@@ -436,6 +436,23 @@ def _print_best(data: dict[str, Any]) -> None:
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in best_row["metrics"].items())
     if metrics:
         _say(f"  metrics: {metrics}")
+    if best_row.get("gap"):
+        gaps = ", ".join(f"{k} {v:+.4f}" for k, v in best_row["gap"].items())
+        _say(f"  train/val gap at its best validation: {gaps}")
+    if best_row.get("overfit"):
+        from sweeper.overfitting import describe
+
+        _say(f"  overfitting: {describe(best_row['overfit'], data['metric'])}")
+    if best_row.get("weights"):
+        _say(f"  weights: {best_row['weights']}")
+    errors = best_row.get("confident_errors") or []
+    if errors:
+        _say("  val examples it gets wrong most confidently (likely label errors):")
+        for error in errors[:10]:
+            _say(
+                f"    {error['where']}: {error['text']!r} labelled {error['label']!r}, "
+                f"predicted {error['predicted']!r} ({error['confidence']:.2f})"
+            )
 
 
 def main() -> None:

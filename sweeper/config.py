@@ -38,6 +38,7 @@ class StudySection(_Section):
     n_trials: PositiveInt
     seed: int = 0
     storage: str | None = None
+    keep_weights: int = Field(default=1, ge=0)
 
 
 class TaskSection(BaseModel):

@@ -7,6 +7,7 @@ import datetime as dt
 import html
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.best import best_trial, record_at_best
 from sweeper.config import StudyConfig
+from sweeper.overfitting import describe as describe_overfit
 from sweeper.trials import read_trials
 
 OUTCOME_COLOURS = {
@@ -80,6 +82,7 @@ def build_report(
 
     trials = read_trials(study)
     sections = [_summary(config, study, trials)]
+    sections.append(_label_suspects(study))
     if earlier:
         items = "".join(
             f'<li><a href="{html.escape(href)}">{html.escape(label)}</a></li>'
@@ -139,16 +142,59 @@ def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTr
             f"{spent['saved_steps']:,} steps ({100 * spent['saved_share']:.0f} %)",
         ),
     ]
+    overfit = [
+        str(t.number) for t in trials if t.state.is_finished() and "overfit" in t.user_attrs
+    ]
+    listed = ", ".join(overfit[:30]) + (" …" if len(overfit) > 30 else "")
+    rows.append(
+        (
+            "trials that overfit",
+            f"{len(overfit)}: {listed}"
+            if overfit
+            else "none (no validation metric peaked and then fell while the train loss fell)",
+        )
+    )
     best = best_trial(study)
     if best is not None:
         rows.insert(0, ("best value", f"{best.value:.6g} (trial {best.number})"))
         rows.insert(
             1, ("best params", ", ".join(f"{k} = {_short(v)}" for k, v in best.params.items()))
         )
+        gaps = best.user_attrs.get("gap", {})
+        if gaps:
+            text = ", ".join(f"{k} {v:+.4f}" for k, v in gaps.items())
+            found = best.user_attrs.get("overfit")
+            if found:
+                text += f"; it overfit: {describe_overfit(found, config.study.metric)}"
+            rows.insert(2, ("best trial's train/val gap", text))
     cells = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows
     )
     return f'<section id="summary"><h2>Summary</h2><table>{cells}</table></section>'
+
+
+def _label_suspects(study: optuna.Study) -> str:
+    """The val examples the best trial gets wrong most confidently: likely label errors."""
+    best = best_trial(study)
+    errors = best.user_attrs.get("confident_errors", []) if best is not None else []
+    if not errors:
+        return ""
+    cells = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(str(e[key]))}</td>"
+            for key in ("where", "text", "label", "predicted", "confidence")
+        )
+        + "</tr>"
+        for e in errors
+    )
+    head = "".join(f"<th>{h}</th>" for h in ("where", "text", "label", "predicted", "confidence"))
+    return (
+        '<section id="label-suspects"><h2>Likely label errors</h2>'
+        f"<p>Val examples the best trial ({best.number if best else ''}) gets wrong with the "
+        f"most confidence, at its best validation.</p><table><tr>{head}</tr>{cells}</table>"
+        "</section>"
+    )
 
 
 def _short(value: Any) -> str:
@@ -170,7 +216,8 @@ def _figures(
     if len(complete) >= 2 and len(complete[0].distributions) >= 1:
         sample, note = _sample(study, complete)
         evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-        with contextlib.suppress(ValueError, RuntimeError):  # too few distinct values
+        with contextlib.suppress(ValueError, RuntimeError), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "importances will be equal" with few trials
             figures.append(
                 (
                     f"Parameter importances{note}",

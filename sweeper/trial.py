@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import optuna
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 from optuna.trial import TrialState
 
 from sweeper.callbacks import DivergenceCallback, TrialRecorder, TrialStopped
@@ -42,6 +43,13 @@ RESERVED_TRAINER_KEYS = {
 }
 
 
+SWEEPER_TRAINER_KEYS = ("early_stopping_patience",)
+"""``[trainer]`` keys that sweeper reads itself instead of passing to lightning.Trainer."""
+
+CONFIDENT_ERRORS = 20
+"""Validation examples the best model gets wrong most confidently, kept per trial."""
+
+
 def quiet_lightning() -> None:
     """Silence Lightning's console output; call after importing it, which sets the levels."""
     import logging
@@ -54,6 +62,15 @@ def quiet_lightning() -> None:
 def check_trainer_options(config: StudyConfig) -> None:
     """Refuse ``[trainer]`` keys that lightning.Trainer lacks or that sweeper sets."""
     known = [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
+    known += SWEEPER_TRAINER_KEYS
+    patience = config.trainer.get("early_stopping_patience")
+    if patience is not None and (
+        isinstance(patience, bool) or not isinstance(patience, int) or patience < 1
+    ):
+        raise ConfigError(
+            f"{config.path}: trainer.early_stopping_patience: a whole number of validations, "
+            f"1 or more (got {patience!r})"
+        )
     for key in config.trainer:
         if key in RESERVED_TRAINER_KEYS:
             raise ConfigError(
@@ -81,7 +98,7 @@ def trainer_options(
         "enable_checkpointing": False,
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
-        **config.trainer,
+        **{k: v for k, v in config.trainer.items() if k not in SWEEPER_TRAINER_KEYS},
         "accelerator": "cpu" if slot.gpu is None else "gpu",
         "devices": 1,
         "logger": False,
@@ -141,7 +158,12 @@ def _train(
     pl.seed_everything(seed, workers=True, verbose=False)
     guarding = config.divergence.enabled
     recorder = TrialRecorder(
-        trial, config.study.metric, config.study.direction, config.pruner.name, guarding
+        trial,
+        config.study.metric,
+        config.study.direction,
+        config.pruner.name,
+        guarding,
+        keep_weights=config.study.keep_weights > 0,
     )
     settings = config.divergence
     watcher = DivergenceCallback(
@@ -149,6 +171,9 @@ def _train(
         stop=guarding,
     )
     callbacks: list[pl.Callback] = [recorder, watcher]
+    early = _early_stopping(config)
+    if early is not None:
+        callbacks.append(early)
     attrs: dict[str, Any] = {"seed": seed}
     started = time.perf_counter()
     trainer: pl.Trainer | None = None
@@ -167,6 +192,8 @@ def _train(
     else:
         attrs["stop_reason"] = "completed"
         state = TrialState.COMPLETE
+        if early is not None and early.stopped_epoch > 0 and trainer is not None:
+            attrs.update(stop_reason="early-stopped", stop_step=trainer.global_step)
     attrs["fit_seconds"] = round(time.perf_counter() - started, 4)
     if trainer is not None:
         attrs["steps"] = trainer.global_step
@@ -174,6 +201,7 @@ def _train(
         attrs["divergence_onset"] = watcher.onset
     if recorder.best is not None:
         attrs.update(best_step=recorder.best_step, best_epoch=recorder.best_epoch)
+        attrs.update(_overfitting_view(config, recorder))
     if state == TrialState.COMPLETE:
         if recorder.best is None or not math.isfinite(recorder.best):
             attrs["stop_reason"] = (
@@ -181,8 +209,45 @@ def _train(
                 "trial ran no validation"
             )
             return TrialState.FAIL, None, attrs
+        if recorder.best_weights is not None:
+            from sweeper.weights import keep
+
+            kept = keep(config, trial.number, recorder.best, recorder.best_weights)
+            if kept is not None:
+                attrs["weights"] = str(kept)
         return state, recorder.best, attrs
     return state, None, attrs
+
+
+def _early_stopping(config: StudyConfig) -> EarlyStopping | None:
+    """Lightning's EarlyStopping on the study metric, when ``[trainer]`` asks for it."""
+    patience = config.trainer.get("early_stopping_patience")
+    if patience is None:
+        return None
+    return EarlyStopping(
+        monitor=config.study.metric,
+        mode="max" if config.study.direction == "maximize" else "min",
+        patience=int(patience),
+        check_finite=False,  # a non-finite metric is the divergence guard's
+        check_on_train_epoch_end=False,
+    )
+
+
+def _overfitting_view(config: StudyConfig, recorder: TrialRecorder) -> dict[str, Any]:
+    """The gap at the best validation, how the trial overfit, its confident errors."""
+    from sweeper.overfitting import gap, overfit
+
+    at_best = next((r for r in recorder.history if r["step"] == recorder.best_step), {})
+    view: dict[str, Any] = {}
+    found_gap = gap(at_best, config.study.metric)
+    if found_gap:
+        view["gap"] = found_gap
+    found = overfit(recorder.history, config.study.metric, recorder.maximize)
+    if found is not None:
+        view["overfit"] = found
+    if recorder.best_errors:
+        view["confident_errors"] = recorder.best_errors[:CONFIDENT_ERRORS]
+    return view
 
 
 def build_task(build: Build, params: dict[str, Any]) -> tuple[pl.LightningModule, Any]:

@@ -195,16 +195,33 @@ def test_layer_wise_decay_sets_each_groups_rate(study_dir: StudyDir, model_dir: 
 
 def test_sweep_with_the_text_task(study_dir: StudyDir, model_dir: Path) -> None:
     path = study_dir.write(text_study(study_dir.root, model_dir))
+    val = list(csv.DictReader((study_dir.root / "val.csv").open()))
+    flip = {"positive": "negative", "negative": "positive"}
+    for row in val[:4]:  # file lines 2 to 5: labelled wrong on purpose
+        row["label"] = flip[row["label"]]
+    write_csv(study_dir.root / "val.csv", val)
     result = run_sweeper("start", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     import optuna
 
-    trials = optuna.load_study(
-        study_name="text", storage=f"sqlite:///{study_dir.root / 'text.db'}"
-    ).trials
+    study = optuna.load_study(study_name="text", storage=f"sqlite:///{study_dir.root / 'text.db'}")
+    trials = study.trials
     assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
     history = trials[0].user_attrs["history"]
     assert len(history) == 3 and "val_recall_positive" in history[-1]
+    assert {"train_acc", "train_f1", "train_loss"} <= set(history[-1])
+    assert set(trials[0].user_attrs["gap"]) == {"loss", "f1"}
+    errors = study.best_trial.user_attrs["confident_errors"]
+    top = {e["where"] for e in errors[:6]}
+    assert {"val.csv:2", "val.csv:3", "val.csv:4", "val.csv:5"} <= top, errors
+    planted = next(e for e in errors if e["where"] == "val.csv:2")
+    assert planted["text"] == val[0]["text"] and planted["label"] == val[0]["label"]
+    assert planted["predicted"] == flip[val[0]["label"]]
+    shown = run_sweeper("best", str(path))
+    assert "most confidently (likely label errors)" in shown.stdout
+    assert f"val.csv:2: {val[0]['text']!r} labelled {val[0]['label']!r}" in shown.stdout
+    report = (study_dir.root / "text" / "report.html").read_text()
+    assert 'id="label-suspects"' in report and "val.csv:2" in report
 
 
 BAD = {

@@ -71,6 +71,12 @@ class TextClassifier(pl.LightningModule):
 
         self.params = params
         self.labels = data.labels
+        self.val_rows = data.val_rows
+        self.validation_errors: list[dict[str, Any]] = []
+        """The val examples predicted wrong at the last validation, most confident first."""
+        self._val_probs: list[torch.Tensor] = []
+        self._val_labels: list[torch.Tensor] = []
+        self._train_seen = False
         config = AutoConfig.from_pretrained(data.model_dir, local_files_only=True)
         overrides: dict[str, Any] = {}
         if params["dropout"] is not None:
@@ -96,6 +102,12 @@ class TextClassifier(pl.LightningModule):
                 "recall_per_class": MulticlassRecall(n, average=None),
             }
         )
+        self.train_metrics = torch.nn.ModuleDict(
+            {
+                "acc": MulticlassAccuracy(n, average="micro"),
+                "f1": MulticlassF1Score(n, average="macro"),
+            }
+        )
 
     def freeze_bottom(self, n_layers: int) -> None:
         """Freeze the embeddings and the bottom ``n_layers`` encoder layers (0: none)."""
@@ -112,8 +124,12 @@ class TextClassifier(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         input_ids, attention_mask, labels = batch
-        loss = torch.nn.functional.cross_entropy(self(input_ids, attention_mask), labels)
+        logits = self(input_ids, attention_mask)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
         self.log("train_loss", loss)
+        for metric in self.train_metrics.values():
+            metric.update(logits.detach(), labels)  # type: ignore[operator]
+        self._train_seen = True
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -122,6 +138,8 @@ class TextClassifier(pl.LightningModule):
         self.log("val_loss", torch.nn.functional.cross_entropy(logits, labels))
         for metric in self.metrics.values():
             metric.update(logits, labels)  # type: ignore[operator]
+        self._val_probs.append(torch.softmax(logits.detach().float(), dim=-1).cpu())
+        self._val_labels.append(labels.detach().cpu())
 
     def on_validation_epoch_end(self) -> None:
         metrics: dict[str, Any] = dict(self.metrics.items())
@@ -133,6 +151,38 @@ class TextClassifier(pl.LightningModule):
                 self.log(f"val_{kind}_{label}", value)
         for metric in metrics.values():
             metric.reset()
+        if self._train_seen:  # the training metrics since the previous validation
+            for name, metric in self.train_metrics.items():
+                self.log(f"train_{name}", metric.compute())  # type: ignore[operator]
+                metric.reset()  # type: ignore[operator]
+            self._train_seen = False
+        self.validation_errors = self._confident_errors()
+
+    def _confident_errors(self, keep: int = 50) -> list[dict[str, Any]]:
+        if not self._val_probs:
+            return []
+        probs, labels = torch.cat(self._val_probs), torch.cat(self._val_labels)
+        self._val_probs, self._val_labels = [], []
+        confidence, predicted = probs.max(dim=-1)
+        wrong = (predicted != labels).nonzero().flatten()
+        order = wrong[confidence[wrong].argsort(descending=True)][:keep]
+        errors = []
+        for index in order.tolist():
+            where, text = (
+                self.val_rows[index]
+                if index < len(self.val_rows)
+                else (f"val row {index + 1}", "")
+            )
+            errors.append(
+                {
+                    "where": where,
+                    "text": text,
+                    "label": self.labels[int(labels[index])],
+                    "predicted": self.labels[int(predicted[index])],
+                    "confidence": round(float(confidence[index]), 4),
+                }
+            )
+        return errors
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Per-layer groups: the head at the full rate, each layer below decayed once more.

@@ -61,11 +61,14 @@ class TextData:
         labels: list[str],
         train: dict[str, np.ndarray],
         val: dict[str, np.ndarray],
+        val_rows: list[tuple[str, str]] | None = None,
     ) -> None:
         self.model_dir = model_dir
         self.labels = labels
         self.train = train
         self.val = val
+        self.val_rows = val_rows or []
+        """(where, text) of each val example, in order."""
 
 
 def prepare(config: StudyConfig) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
@@ -78,7 +81,8 @@ def prepare(config: StudyConfig) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
     model_dir = _model_dir(config, options.model)
     tokenizer = _tokenizer(config, model_dir)
     train_rows = _rows(config, "train", options.train)
-    val_rows = _rows(config, "val", options.val)
+    val_located = _located_rows(config, "val", options.val)
+    val_rows = [row for _, row in val_located]
     labels = options.labels or sorted(
         {_label(config, "train", r, i, options) for i, r in enumerate(train_rows, 1)}
     )
@@ -87,6 +91,7 @@ def prepare(config: StudyConfig) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
         labels,
         _encode(config, "train", train_rows, tokenizer, labels, options),
         _encode(config, "val", val_rows, tokenizer, labels, options),
+        [(where, str(row[options.text_column])) for where, row in val_located],
     )
 
     def build(params: dict[str, Any]) -> tuple[Any, Any]:

@@ -1,0 +1,66 @@
+"""Keep the weights of the top-k trials (at their best validation); delete the rest.
+
+Files live in ``<folder>/<name>/weights/``: ``trial-<n>.pt`` (a state dict)
+and ``index.json`` (trial number to value), both changed only under a file
+lock in that folder, so trials finishing at once on several workers keep
+exactly the best k, whatever order they are told to the study in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sweeper.config import StudyConfig
+
+
+def weights_dir(config: StudyConfig) -> Path:
+    return config.output_dir / "weights"
+
+
+def keep(config: StudyConfig, number: int, value: float, state: dict[str, Any]) -> Path | None:
+    """Save this trial's weights if it ranks in the top ``keep_weights``; prune the others.
+
+    Returns the file it was saved to, or None when it did not make the cut.
+    """
+    import torch
+    from filelock import FileLock
+
+    k = config.study.keep_weights
+    if k == 0:
+        return None
+    folder = weights_dir(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder / "index.lock"):
+        index_file = folder / "index.json"
+        index = {int(n): v for n, v in _read(index_file).items()}
+        index[number] = value
+        maximize = config.study.direction == "maximize"
+        ranked = sorted(index.items(), key=lambda item: item[1], reverse=maximize)[:k]
+        kept = dict(ranked)
+        path = folder / f"trial-{number}.pt"
+        if number in kept:
+            partial = folder / f".trial-{number}.pt.partial"
+            torch.save(state, partial)
+            os.replace(partial, path)
+        _write(index_file, kept)
+        for stale in folder.glob("trial-*.pt"):
+            if int(stale.stem.removeprefix("trial-")) not in kept:
+                stale.unlink(missing_ok=True)
+    return path if number in kept else None
+
+
+def _read(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write(path: Path, index: dict[int, float]) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps({str(n): v for n, v in index.items()}, indent=1))
+    os.replace(partial, path)
