@@ -162,13 +162,18 @@ def audit(config: StudyConfig) -> Audit:
         splits,
         min_per_class=config.audit.min_examples_per_class,
         max_metric_step=config.audit.max_metric_step,
+        folds=config.validation.folds,
     )
 
 
 def check_examples(
-    splits: Mapping[str, list[Example]], *, min_per_class: int, max_metric_step: float
+    splits: Mapping[str, list[Example]],
+    *,
+    min_per_class: int,
+    max_metric_step: float,
+    folds: int = 1,
 ) -> Audit:
-    """The checks, on examples already read."""
+    """The checks, on examples already read; ``folds`` > 1 when k-fold validation is on."""
     findings: list[Finding] = []
     train, val = splits.get("train", []), splits.get("val", [])
     for split, examples in splits.items():
@@ -177,7 +182,7 @@ def check_examples(
     findings += _conflicts([e for examples in splits.values() for e in examples])
     if val:
         findings += _leakage(train, val)
-    findings += _balance(splits, min_per_class, max_metric_step)
+    findings += _balance(splits, min_per_class, max_metric_step, folds)
     order = {"error": 0, "warning": 1, "info": 2}
     return Audit(sorted(findings, key=lambda f: order[f.severity]))
 
@@ -300,7 +305,7 @@ def _leakage(train: list[Example], val: list[Example]) -> list[Finding]:
 
 
 def _balance(
-    splits: Mapping[str, list[Example]], min_per_class: int, max_metric_step: float
+    splits: Mapping[str, list[Example]], min_per_class: int, max_metric_step: float, folds: int
 ) -> list[Finding]:
     counts = {
         split: Counter(e.label for e in examples if e.label.strip())
@@ -342,10 +347,13 @@ def _balance(
                 "warning",
                 "too little data",
                 f"train has fewer than {min_per_class} examples of "
-                + ", ".join(f"{c!r} ({train[c]})" for c in few),
+                + ", ".join(f"{c!r} ({train[c]})" for c in few)
+                + ("; [validation] folds = 5 trains on val's examples too" if folds == 1 else ""),
             )
         )
     val_total = sum(counts.get("val", Counter()).values())
+    if folds > 1:
+        val_total = sum(sum(count.values()) for count in counts.values()) // folds
     if val_total and 1 / val_total > max_metric_step:
         found.append(
             Finding(
@@ -353,7 +361,12 @@ def _balance(
                 "small val split",
                 f"val has {val_total} examples: one example moves accuracy by "
                 f"{100 / val_total:.1f} points, more than max_metric_step = {max_metric_step:g}; "
-                f"{_needed(max_metric_step)} or more are needed to trust differences that small",
+                f"{_needed(max_metric_step)} or more are needed to trust differences that small"
+                + (
+                    f" (a fold holds about {val_total})"
+                    if folds > 1
+                    else "; [validation] folds = 5 validates on every example instead"
+                ),
             )
         )
     return found

@@ -70,7 +70,10 @@ class TrialRecorder(pl.Callback):
     at the global step; every ``val_*`` and ``train_*`` metric, with the mean
     training loss since the previous validation as ``train_loss``, is appended
     to ``user_attrs["history"]``; the best value so far and its step are kept
-    for the objective. At each new best the module's ``validation_errors``
+    for the objective. In a fold of a cross-validated trial (``fold``) the
+    records are tagged with it and appended to the trial's shared ``history``,
+    and nothing is reported (the trial reports each fold's best). At each new
+    best the module's ``validation_errors``
     (if it has them) are kept, and with ``keep_weights`` a CPU copy of its
     weights.
     """
@@ -83,6 +86,8 @@ class TrialRecorder(pl.Callback):
         pruner: str,
         guard: bool = True,
         keep_weights: bool = False,
+        fold: int | None = None,
+        history: list[dict[str, float | int]] | None = None,
     ) -> None:
         self.trial = trial
         self.guard = guard
@@ -90,7 +95,8 @@ class TrialRecorder(pl.Callback):
         self.maximize = direction == "maximize"
         self.pruner = pruner
         self.keep_weights = keep_weights
-        self.history: list[dict[str, float | int]] = []
+        self.fold = fold
+        self.history: list[dict[str, float | int]] = [] if history is None else history
         self.best: float | None = None
         self.best_step: int | None = None
         self.best_epoch: int | None = None
@@ -127,6 +133,8 @@ class TrialRecorder(pl.Callback):
             )
         value = metrics[self.metric]
         record: dict[str, float | int] = {"step": step, "epoch": epoch}
+        if self.fold is not None:
+            record["fold"] = self.fold
         record.update(
             {
                 k: v
@@ -154,6 +162,8 @@ class TrialRecorder(pl.Callback):
                     name: tensor.detach().to("cpu", copy=True)
                     for name, tensor in pl_module.state_dict().items()
                 }
+        if self.fold is not None:
+            return  # folds are reported whole, one value per fold
         self.trial.report(value, step)
         if self.trial.should_prune():
             raise TrialStopped(f"pruned by {self.pruner} at step {step}", step, pruned=True)

@@ -79,6 +79,12 @@ class ResourcesSection(_Section):
     trial_timeout: PositiveFloat | None = None
 
 
+class ValidationSection(_Section):
+    """k-fold cross-validation: ``folds = 1`` validates on the val split as it is."""
+
+    folds: int = Field(default=1, ge=1, le=20)
+
+
 class AuditSection(_Section):
     """The data audit: see :mod:`sweeper.audit`."""
 
@@ -143,6 +149,7 @@ class StudyConfig(_Section):
     resources: ResourcesSection = ResourcesSection()
     schedule: ScheduleSection = ScheduleSection()
     audit: AuditSection = AuditSection()
+    validation: ValidationSection = ValidationSection()
     night: dt.date | None = None
     """Set by :meth:`for_night`, never by the study file."""
 

@@ -9,6 +9,7 @@ import os
 import socket
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -156,6 +157,50 @@ def _train(
     params = {**space.fixed, **trial.params}
     seed = trial_seed(config.study.seed, trial.number)
     pl.seed_everything(seed, workers=True, verbose=False)
+    if config.validation.folds > 1:
+        state, value, attrs = _cross_validate(config, slot, build, trial, params)
+        return state, value, {"seed": seed, **attrs}
+    fit = _fit(config, slot, build, trial, params)
+    attrs = {"seed": seed, **fit.attrs}
+    recorder = fit.recorder
+    if recorder.best is not None:
+        attrs.update(_overfitting_view(config, recorder))
+    if fit.state != TrialState.COMPLETE:
+        return fit.state, None, attrs
+    if recorder.best is None or not math.isfinite(recorder.best):
+        attrs["stop_reason"] = _NEVER_LOGGED.format(metric=config.study.metric)
+        return TrialState.FAIL, None, attrs
+    if recorder.best_weights is not None:
+        from sweeper.weights import keep
+
+        kept = keep(config, trial.number, recorder.best, recorder.best_weights)
+        if kept is not None:
+            attrs["weights"] = str(kept)
+    return TrialState.COMPLETE, recorder.best, attrs
+
+
+_NEVER_LOGGED = "error: the study metric {metric!r} was never logged; the trial ran no validation"
+
+
+@dataclass
+class Fit:
+    """One training run: how it ended, what to store on the trial, its recorder."""
+
+    state: TrialState
+    attrs: dict[str, Any]
+    recorder: TrialRecorder
+
+
+def _fit(
+    config: StudyConfig,
+    slot: Slot,
+    build: Build,
+    trial: optuna.Trial,
+    params: dict[str, Any],
+    fold: int | None = None,
+    history: list[dict[str, Any]] | None = None,
+) -> Fit:
+    """Build the task with ``params`` and train it once, watched by sweeper's callbacks."""
     guarding = config.divergence.enabled
     recorder = TrialRecorder(
         trial,
@@ -163,7 +208,9 @@ def _train(
         config.study.direction,
         config.pruner.name,
         guarding,
-        keep_weights=config.study.keep_weights > 0,
+        keep_weights=config.study.keep_weights > 0 and fold is None,
+        fold=fold,
+        history=history,
     )
     settings = config.divergence
     watcher = DivergenceCallback(
@@ -174,7 +221,7 @@ def _train(
     early = _early_stopping(config)
     if early is not None:
         callbacks.append(early)
-    attrs: dict[str, Any] = {"seed": seed}
+    attrs: dict[str, Any] = {}
     started = time.perf_counter()
     trainer: pl.Trainer | None = None
     try:
@@ -201,22 +248,53 @@ def _train(
         attrs["divergence_onset"] = watcher.onset
     if recorder.best is not None:
         attrs.update(best_step=recorder.best_step, best_epoch=recorder.best_epoch)
-        attrs.update(_overfitting_view(config, recorder))
-    if state == TrialState.COMPLETE:
-        if recorder.best is None or not math.isfinite(recorder.best):
-            attrs["stop_reason"] = (
-                f"error: the study metric {config.study.metric!r} was never logged; the "
-                "trial ran no validation"
-            )
-            return TrialState.FAIL, None, attrs
-        if recorder.best_weights is not None:
-            from sweeper.weights import keep
+    return Fit(state, attrs, recorder)
 
-            kept = keep(config, trial.number, recorder.best, recorder.best_weights)
-            if kept is not None:
-                attrs["weights"] = str(kept)
-        return state, recorder.best, attrs
-    return state, None, attrs
+
+def _cross_validate(
+    config: StudyConfig, slot: Slot, build: Build, trial: optuna.Trial, params: dict[str, Any]
+) -> tuple[TrialState, float | None, dict[str, Any]]:
+    """Train once per fold; the value is the mean of the folds' best values.
+
+    After each fold the mean so far is reported at step = fold index, so the
+    pruner can stop a bad configuration after its first folds. A fold that
+    diverges or fails ends the trial the same way.
+    """
+    folds = config.validation.folds
+    history: list[dict[str, Any]] = []
+    values: list[float] = []
+    errors: list[dict[str, Any]] = []
+    totals = {"steps": 0, "fit_seconds": 0.0}
+    for fold in range(folds):
+        fit = _fit(
+            config, slot, build, trial, {**params, "fold": fold, "folds": folds}, fold, history
+        )
+        totals["steps"] += fit.attrs.get("steps", 0)
+        totals["fit_seconds"] += fit.attrs["fit_seconds"]
+        best = fit.recorder.best
+        if fit.state != TrialState.COMPLETE or best is None or not math.isfinite(best):
+            ended = {**fit.attrs, **totals, "fold_values": values}
+            if fit.state == TrialState.COMPLETE:
+                ended["stop_reason"] = _NEVER_LOGGED.format(metric=config.study.metric)
+                return TrialState.FAIL, None, ended
+            ended["stop_reason"] = f"{ended['stop_reason']} (fold {fold + 1} of {folds})"
+            return fit.state, None, ended
+        values.append(best)
+        errors += fit.recorder.best_errors
+        mean = sum(values) / len(values)
+        trial.report(mean, fold)
+        if fold < folds - 1 and trial.should_prune():
+            reason = f"pruned by {config.pruner.name} after fold {fold + 1} of {folds}"
+            return (
+                TrialState.PRUNED,
+                None,
+                {**totals, "fold_values": values, "stop_reason": reason},
+            )
+    attrs: dict[str, Any] = {**totals, "fold_values": values, "stop_reason": "completed"}
+    if errors:
+        errors.sort(key=lambda e: -float(e.get("confidence", 0.0)))
+        attrs["confident_errors"] = errors[:CONFIDENT_ERRORS]
+    return TrialState.COMPLETE, sum(values) / len(values), attrs
 
 
 def _early_stopping(config: StudyConfig) -> EarlyStopping | None:

@@ -132,7 +132,10 @@ def test_volume_thresholds() -> None:
     val = examples("val", [(f"v{i}", "a") for i in range(150)] + [("w", "b")])
     result = check_examples({"train": train, "val": val}, min_per_class=20, max_metric_step=0.01)
     messages = {f.check: f.message for f in result.warnings}
-    assert messages["too little data"] == "train has fewer than 20 examples of 'b' (2)"
+    assert messages["too little data"] == (
+        "train has fewer than 20 examples of 'b' (2); [validation] folds = 5 trains on val's "
+        "examples too"
+    )
     assert "small val split" not in messages, "151 examples move accuracy by 0.7 points"
     small = check_examples(
         {"train": train, "val": val[:40]}, min_per_class=2, max_metric_step=0.01

@@ -122,6 +122,10 @@ CASES = {
         study(audit={"min_examples": 5}),
         ["audit.min_examples: unknown key; did you mean 'min_examples_per_class'?"],
     ),
+    "validation folds zero": (
+        study(validation={"folds": 0}),
+        ["validation.folds:", "greater than or equal to 1"],
+    ),
     "internal key in the file": (study(night={"x": 1}), ["night: unknown key"]),
     "bad devices": (study(resources={"devices": "gpu"}), ["resources.devices: must be"]),
     "missing GPU": (

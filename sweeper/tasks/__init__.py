@@ -67,4 +67,10 @@ def load_task(config: StudyConfig) -> Build:
     build = getattr(module, function_name, None)
     if not callable(build):
         raise TaskError(f"{where}: module {module_name!r} has no function {function_name!r}")
+    if config.validation.folds > 1 and not getattr(module, "supports_folds", False):
+        raise ConfigError(
+            f"{config.path}: validation.folds: task {name!r} does not split folds itself; give "
+            f"{module_name} `supports_folds = True` and make {function_name} validate on fold "
+            "params['fold'] of params['folds'] (sweeper.folds.stratified_folds splits them)"
+        )
     return build

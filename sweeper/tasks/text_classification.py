@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sweeper.config import StudyConfig
 from sweeper.errors import ConfigError, DataError
+from sweeper.folds import stratified_folds
 
 DEFAULTS: dict[str, Any] = {
     "learning_rate": 5e-5,
@@ -70,6 +71,24 @@ class TextData:
         self.val_rows = val_rows or []
         """(where, text) of each val example, in order."""
 
+    def pooled(self, train_rows: list[tuple[str, str]]) -> TextData:
+        """Train and val as one train split for k-fold; ``val_rows`` names all of them."""
+        both = {k: np.concatenate([self.train[k], self.val[k]]) for k in self.train}
+        empty = {k: v[:0] for k, v in both.items()}
+        return TextData(self.model_dir, self.labels, both, empty, train_rows + self.val_rows)
+
+    def fold(self, folds: list[np.ndarray], index: int) -> TextData:
+        """Of pooled data: validate on fold ``index``, train on the others."""
+        held = folds[index]
+        rest = np.concatenate([f for i, f in enumerate(folds) if i != index])
+        return TextData(
+            self.model_dir,
+            self.labels,
+            {k: v[rest] for k, v in self.train.items()},
+            {k: v[held] for k, v in self.train.items()},
+            [self.val_rows[i] for i in held],
+        )
+
 
 def prepare(config: StudyConfig) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
     """Check options, read and tokenize the data once; return the task's ``build``."""
@@ -80,8 +99,9 @@ def prepare(config: StudyConfig) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
     _check_params(config)
     model_dir = _model_dir(config, options.model)
     tokenizer = _tokenizer(config, model_dir)
-    train_rows = _rows(config, "train", options.train)
+    train_located = _located_rows(config, "train", options.train)
     val_located = _located_rows(config, "val", options.val)
+    train_rows = [row for _, row in train_located]
     val_rows = [row for _, row in val_located]
     labels = options.labels or sorted(
         {_label(config, "train", r, i, options) for i, r in enumerate(train_rows, 1)}
@@ -93,11 +113,19 @@ def prepare(config: StudyConfig) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
         _encode(config, "val", val_rows, tokenizer, labels, options),
         [(where, str(row[options.text_column])) for where, row in val_located],
     )
+    folds = config.validation.folds
+    if folds > 1:
+        pooled = data.pooled([(w, str(r[options.text_column])) for w, r in train_located])
+        splits = stratified_folds(pooled.train["labels"], folds, config.study.seed)
 
     def build(params: dict[str, Any]) -> tuple[Any, Any]:
         from sweeper.tasks._text_model import build_text_task
 
-        return build_text_task(data, {**DEFAULTS, **params})
+        params = {**DEFAULTS, **params}
+        fold = params.pop("fold", None)
+        params.pop("folds", None)
+        view = data if fold is None else pooled.fold(splits, int(fold))
+        return build_text_task(view, params)
 
     return build
 
