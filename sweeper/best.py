@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -14,6 +13,7 @@ import tomlkit
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper import __version__
+from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
 from sweeper.overfitting import describe as describe_overfit
 from sweeper.study import counts, trial_seed
@@ -116,12 +116,7 @@ def write_best_toml(config: StudyConfig, data: dict[str, Any]) -> Path | None:
     reproduce_table = _table(reproduce)
     reproduce_table.add("versions", version_table)
     doc.add("reproduce", reproduce_table)
-    path = config.output_dir / "best.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".toml.partial")
-    partial.write_text(tomlkit.dumps(doc), encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return write_text(config.output_dir / "best.toml", tomlkit.dumps(doc))
 
 
 def _table(values: dict[str, Any]) -> Any:

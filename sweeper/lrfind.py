@@ -22,6 +22,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
+from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
 from sweeper.errors import ConfigError
 from sweeper.space import SearchSpace, parse_space
@@ -137,9 +138,7 @@ def write_range(path: Path, name: str, low: float, high: float) -> None:
     entry["log"] = True
     if "step" in entry:
         del entry["step"]
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(tomlkit.dumps(document), encoding="utf-8")
-    os.replace(partial, path)
+    write_text(path, tomlkit.dumps(document))
 
 
 def table(test: RangeTest, rows: int = 12) -> list[tuple[float, float]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import re
 import time
 import urllib.error
@@ -27,6 +26,7 @@ from filelock import FileLock, Timeout
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
 from sweeper.space import SearchSpace, parse_space
 from sweeper.storage import open_storage, sqlite_path
@@ -379,7 +379,4 @@ def _base(tonight: StudyConfig) -> StudyConfig:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")

@@ -6,7 +6,6 @@ import contextlib
 import datetime as dt
 import html
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeper.atomic import write_text
 from sweeper.best import best_trial, record_at_best
 from sweeper.config import StudyConfig
 from sweeper.overfitting import describe as describe_overfit
@@ -115,12 +115,9 @@ def write_report(
     earlier: Sequence[tuple[str, str]] = (),
 ) -> Path:
     """Write the report atomically; default ``<folder>/<name>/report.html``."""
-    path = path or config.output_dir / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(build_report(config, study, earlier), encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return write_text(
+        path or config.output_dir / "report.html", build_report(config, study, earlier)
+    )
 
 
 def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTrial]) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
 from sweeper.errors import ConfigError, SweeperError
 
@@ -130,9 +131,7 @@ class Crontab:
 
     def write(self, text: str) -> None:
         if self.file is not None:
-            partial = self.file.with_name(f".{self.file.name}.partial")
-            partial.write_text(text)
-            os.replace(partial, self.file)
+            write_text(self.file, text)
             return
         result = subprocess.run(
             [self._command(), "-"], input=text, capture_output=True, text=True, check=False

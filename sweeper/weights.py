@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sweeper.atomic import partial_path, write_text
 from sweeper.config import StudyConfig
 
 
@@ -42,9 +43,8 @@ def keep(config: StudyConfig, number: int, value: float, state: dict[str, Any]) 
         kept = dict(ranked)
         path = folder / f"trial-{number}.pt"
         if number in kept:
-            partial = folder / f".trial-{number}.pt.partial"
-            torch.save(state, partial)
-            os.replace(partial, path)
+            torch.save(state, partial_path(path))
+            os.replace(partial_path(path), path)
         _write(index_file, kept)
         for stale in folder.glob("trial-*.pt"):
             if int(stale.stem.removeprefix("trial-")) not in kept:
@@ -61,6 +61,4 @@ def _read(path: Path) -> dict[str, float]:
 
 
 def _write(path: Path, index: dict[int, float]) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps({str(n): v for n, v in index.items()}, indent=1))
-    os.replace(partial, path)
+    write_text(path, json.dumps({str(n): v for n, v in index.items()}, indent=1))
