@@ -195,16 +195,56 @@ def _check_same_study(config: StudyConfig, study: optuna.Study, space: SearchSpa
 
 @contextlib.contextmanager
 def claim_lock(config: StudyConfig) -> Iterator[None]:
-    """Serialize counting and asking among this machine's workers of one study."""
-    path = sqlite_path(config.storage_url)
-    if path is None:
-        yield
-        return
-    from filelock import FileLock
+    """Serialize counting and asking among every worker of one study.
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{path}.lock"):
+    SQLite: a file lock beside the database (one machine). PostgreSQL: an
+    advisory lock in the database, so workers on every machine that joins the
+    study take turns; the server drops it if the holder dies.
+    """
+    url = config.storage_url
+    path = sqlite_path(url)
+    if path is not None:
+        from filelock import FileLock
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{path}.lock"):
+            yield
+    elif url.startswith(("postgresql", "postgres")):
+        with _advisory_lock(url, config.study.name):
+            yield
+    else:
         yield
+
+
+@contextlib.contextmanager
+def _advisory_lock(url: str, name: str) -> Iterator[None]:
+    import hashlib
+
+    import sqlalchemy as sa
+
+    key = int.from_bytes(hashlib.sha256(f"sweeper:{name}".encode()).digest()[:8], signed=True)
+    engine = _lock_engine(url)
+    with engine.connect() as connection:
+        connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        try:
+            yield
+        finally:
+            connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
+
+_ENGINES: dict[tuple[int, str], Any] = {}
+
+
+def _lock_engine(url: str) -> Any:
+    """One engine per process and URL (a forked trial makes its own connections)."""
+    import sqlalchemy as sa
+
+    found = _ENGINES.get((os.getpid(), url))
+    if found is None:
+        found = _ENGINES[(os.getpid(), url)] = sa.create_engine(
+            url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT"
+        )
+    return found
 
 
 def claim(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None:

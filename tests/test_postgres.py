@@ -1,0 +1,128 @@
+"""Several machines on one study through a real PostgreSQL server (loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import BASE, FIXTURES, run_sweeper, study, sweeper_cmd, toml_text
+
+SERVER = os.environ.get("SWEEPER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    """A new, empty database on the server, dropped afterwards."""
+    import psycopg
+
+    name = f"sweeper_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(f"{SERVER}/postgres", connect_timeout=5, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL server at {SERVER} ({exc}); set SWEEPER_TEST_POSTGRES")
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{SERVER}/{name}"
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def machine(root: Path, name: str, url: str, n_trials: int) -> Path:
+    """A folder standing for one machine: its own copy of the study file and task."""
+    folder = root / name
+    folder.mkdir()
+    shutil.copy(FIXTURES / "tiny_task.py", folder / "tiny_task.py")
+    data = study(
+        study={"n_trials": n_trials, "storage": url},
+        search={**BASE["search"], "sleep": 0.02},
+        resources={"devices": "cpu", "cpu_workers": 2},
+    )
+    path = folder / "study.toml"
+    path.write_text(toml_text(data))
+    return path
+
+
+def start(path: Path) -> list[str]:
+    return sweeper_cmd("start", str(path))
+
+
+def test_two_machines_share_one_study_and_run_exactly_n_trials(
+    tmp_path: Path, database: str
+) -> None:
+    first = machine(tmp_path, "machine-a", database, 12)
+    second = machine(tmp_path, "machine-b", database, 12)
+    created = run_sweeper("start", str(first), "--n-trials", "2")
+    assert created.returncode == 0, created.stdout + created.stderr
+
+    # Each machine gets a host name of its own (a UTS namespace), as trials record it.
+    sweeps = [
+        subprocess.Popen(
+            ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *start(path)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name, path in (("machine-a", first), ("machine-b", second))
+    ]
+    outputs = [sweep.communicate(timeout=600)[0] for sweep in sweeps]
+    assert [sweep.returncode for sweep in sweeps] == [0, 0], outputs
+
+    trials = optuna.load_study(study_name="tiny", storage=database).trials
+    assert len(trials) == 12, "the advisory lock keeps both machines to n_trials"
+    assert sorted(t.number for t in trials) == list(range(12))
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    hosts = {t.user_attrs["host"] for t in trials[2:]}
+    assert hosts == {"machine-a", "machine-b"}, "both machines ran trials"
+    for name in ("machine-a", "machine-b"):
+        best = tmp_path / name / "tiny" / "best.toml"
+        assert best.exists(), f"{name} wrote the study's best configuration"
+
+    status = run_sweeper("status", str(second))
+    assert status.returncode == 0
+    assert "12/12 finished" in status.stdout
+    shown = json.loads(run_sweeper("best", str(first), "--json").stdout)
+    assert shown["best"]["trial"] in range(12)
+
+
+def claim_until_full(path: str) -> None:
+    """One worker of another machine: claim trials as fast as it can until none is left."""
+    import tomllib
+
+    from sweeper.config import parse_config
+    from sweeper.study import claim, claim_lock, load
+
+    config = parse_config(tomllib.loads(Path(path).read_text()), Path(path))
+    study = load(config)
+    while True:
+        with claim_lock(config):
+            trial = claim(study, config)
+        if trial is None:
+            return
+        study.tell(trial, 0.5)
+
+
+def test_claims_from_many_processes_never_overshoot(tmp_path: Path, database: str) -> None:
+    import multiprocessing
+
+    path = machine(tmp_path, "machine-a", database, 60)
+    created = run_sweeper("start", str(path), "--n-trials", "1")
+    assert created.returncode == 0, created.stdout + created.stderr
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=claim_until_full, args=(str(path),)) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    assert [worker.exitcode for worker in workers] == [0] * 8
+    trials = optuna.load_study(study_name="tiny", storage=database).trials
+    assert len(trials) == 60, "counting and asking are one step for every process"
+    assert sorted(t.number for t in trials) == list(range(60))
