@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import warnings
@@ -16,7 +17,7 @@ from sweeper.errors import StorageError
 HEARTBEAT_INTERVAL = 20
 """Seconds between heartbeats of a running trial."""
 
-GRACE_PERIOD = 120
+GRACE_PERIOD = int(os.environ.get("SWEEPER_HEARTBEAT_GRACE", "120"))
 """Seconds without a heartbeat after which a trial of a lost machine is failed."""
 
 SQLITE_BUSY_TIMEOUT = 120.0

@@ -324,9 +324,14 @@ def recover_orphans(study: optuna.Study) -> list[int]:
         if not process_alive(pid):
             fail_and_retry(study, trial, "interrupted: its process ended before the trial did")
             recovered.append(trial.number)
+    fail_stale(study)
+    return recovered
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail (and enqueue again, once) the trials whose heartbeat has been silent too long."""
     with _quiet_experimental():
         optuna.storages.fail_stale_trials(study)
-    return recovered
 
 
 SYSTEMATIC_AFTER = 3

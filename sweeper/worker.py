@@ -42,6 +42,10 @@ class TrialProcess:
     number: int | None = None
 
 
+OTHER_HOSTS_POLL = 5.0
+"""Seconds between looks at other machines' trials once this one has no place left."""
+
+
 class Worker:
     """Runs trials of one study on one slot until none is left to claim."""
 
@@ -65,9 +69,38 @@ class Worker:
         while not self.stopping:
             if systematic_failure(self.study) is not None:
                 return EXIT_SYSTEMATIC
-            if not self._run_one():
+            if not self._run_one() and not self._await_other_hosts():
                 break
         return 0
+
+    def _await_other_hosts(self) -> bool:
+        """With no place left, wait while trials run on other machines.
+
+        A machine that dies leaves its trials RUNNING; once their heartbeat has
+        been silent for the grace period they are failed and enqueued again,
+        for this worker to take. True when a trial failed since (a place may
+        have opened), False when no other machine has a trial running.
+        """
+        import socket
+
+        from optuna.trial import TrialState
+
+        from sweeper.study import fail_stale
+
+        def failed() -> int:
+            return len(self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+
+        host = socket.gethostname()
+        before = failed()
+        while not self.stopping:
+            if failed() > before:
+                return True  # a place opened: claim again
+            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not any(t.user_attrs.get("host") != host for t in running):
+                return False
+            fail_stale(self.study)
+            time.sleep(OTHER_HOSTS_POLL)
+        return False
 
     def _run_one(self) -> bool:
         """Fork and watch one trial; False when there was nothing left to claim."""

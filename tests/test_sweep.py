@@ -377,3 +377,53 @@ def test_diverging_trials_are_pruned_within_a_few_steps(study_dir: StudyDir) -> 
     assert all(
         t.user_attrs["steps"] == full for t in unguarded.trials if t.state == TrialState.COMPLETE
     )
+
+
+def test_a_trial_of_a_machine_lost_mid_sweep_is_retried_here(study_dir: StudyDir) -> None:
+    path = study_dir.write(
+        study(
+            study={"n_trials": 4},
+            search={**BASE["search"], "sleep": 0.02},
+            resources={"devices": "cpu", "cpu_workers": 1},
+        )
+    )
+    created = run_sweeper("start", str(path), "--n-trials", "1")
+    assert created.returncode == 0, created.stdout + created.stderr
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{study_dir.db}", heartbeat_interval=1, grace_period=4
+    )
+    other = optuna.load_study(study_name="tiny", storage=storage)
+    lost = other.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)})
+    lost.set_user_attr("host", "machine-lost")
+    alive = threading.Event()
+    alive.set()
+
+    def beat() -> None:  # the other machine is alive until this machine has no place left
+        while alive.is_set():
+            storage.record_heartbeat(lost._trial_id)
+            time.sleep(0.5)
+
+    beating = threading.Thread(target=beat)
+    beating.start()
+    env = {**os.environ, "SWEEPER_HEARTBEAT_GRACE": "4", "PYTHONUNBUFFERED": "1"}
+    sweep = subprocess.Popen(
+        sweeper_cmd("start", str(path)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        wait_for(lambda: finished(load(study_dir).get_trials()) >= 3, what="three trials")
+    finally:
+        alive.clear()
+        beating.join()
+    out, err = sweep.communicate(timeout=300)
+    assert sweep.returncode == 0, out + err
+    trials = load(study_dir).get_trials()
+    assert finished(trials) == 4, "the lost machine's place was taken here"
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.number for t in failed] == [lost.number]
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]
+    assert len(retried) == 1 and retried[0].state.is_finished()
+    assert retried[0].params["lr"] == lost.params["lr"]
