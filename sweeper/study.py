@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.config import StudyConfig
 from sweeper.errors import ConfigError, StorageError
+from sweeper.samplers import DivergenceAwareGPSampler
 from sweeper.space import SearchSpace, grid_space, parse_space
 from sweeper.storage import open_storage, retry_once, sqlite_path
 
@@ -41,7 +42,7 @@ def sampler_for(config: StudyConfig, seed: int | None = None) -> optuna.samplers
     factory = {
         "tpe": samplers.TPESampler,
         "random": samplers.RandomSampler,
-        "gp": samplers.GPSampler,
+        "gp": DivergenceAwareGPSampler,
         "cmaes": samplers.CmaEsSampler,
         "qmc": samplers.QMCSampler,
     }[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -119,3 +120,58 @@ def test_tpe_leaves_the_region_where_trials_diverged() -> None:
     assert float(np.median(marked)) < 0.03, "marked: TPE samples where trials did not diverge"
     unmarked = tpe_suggestions(mark_diverged=False)
     assert float(np.median(unmarked)) > 0.3, "unmarked: TPE drifts toward the diverged trials"
+
+
+def gp_suggestions(sampler: object) -> list[float]:
+    """lr values the GP suggests after complete trials at small lr (better the larger)
+    and trials that diverged at large lr."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    lr = FloatDistribution(1e-3, 10.0, log=True)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        x = float(np.exp(rng.uniform(np.log(1e-3), np.log(0.3))))
+        value = 0.6 + 0.04 * np.log10(x / 1e-3) + rng.normal(0, 0.01)
+        study.add_trial(create_trial(value=value, params={"lr": x}, distributions={"lr": lr}))
+    for _ in range(6):  # as sweeper records them: PRUNED, diverged, infeasible
+        x = float(np.exp(rng.uniform(np.log(1.0), np.log(10.0))))
+        study.add_trial(
+            create_trial(
+                state=TrialState.PRUNED,
+                params={"lr": x},
+                distributions={"lr": lr},
+                user_attrs={"diverged": True},
+                system_attrs={"constraints": [1.0]},
+            )
+        )
+    suggested = []
+    for _ in range(8):
+        trial = study.ask({"lr": lr})
+        suggested.append(trial.params["lr"])
+        study.tell(trial, state=TrialState.FAIL)
+    return suggested
+
+
+def test_gp_leaves_the_region_where_trials_diverged() -> None:
+    import optuna
+
+    from sweeper.config import parse_config
+    from sweeper.study import sampler_for
+
+    config = parse_config(
+        {
+            "study": {"name": "s", "direction": "maximize", "metric": "m", "n_trials": 1},
+            "task": {"name": "t:build"},
+            "search": {"lr": {"low": 1e-3, "high": 10.0, "log": True}},
+            "sampler": {"name": "gp", "n_startup_trials": 10},
+        },
+        Path("study.toml"),
+    )
+    aware = gp_suggestions(sampler_for(config))
+    assert max(aware) < 1.0, f"sweeper's GP samples where trials did not diverge: {aware}"
+    plain = gp_suggestions(optuna.samplers.GPSampler(seed=0, n_startup_trials=10))
+    assert float(np.median(plain)) > 1.0, f"Optuna's GP drifts to the diverged trials: {plain}"
