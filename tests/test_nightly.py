@@ -316,3 +316,57 @@ def test_kubernetes_example_runs_the_digits_schedule() -> None:
     assert job["spec"]["timeZone"] == schedule["timezone"]
     container = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == ["nightly", "/studies/digits.toml"]
+
+
+def test_an_interrupted_night_resumes_and_force_runs_a_finished_one_again(
+    study_dir: StudyDir,
+) -> None:
+    import signal
+
+    from optuna.trial import TrialState
+
+    path = study_dir.write(
+        nightly_study("http://127.0.0.1:9/hook", sleep=0.2) | {"schedule": {"warm_start_top_k": 2}}
+    )
+    night = subprocess.Popen(
+        sweeper_cmd("nightly", str(path), "--date", "2026-11-20"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+    def running() -> bool:
+        try:
+            trials = night_study(study_dir, "2026-11-20").get_trials()
+        except KeyError:
+            return False
+        return any(t.state == TrialState.RUNNING and "device" in t.user_attrs for t in trials)
+
+    deadline = time.monotonic() + 120
+    while not running():
+        assert time.monotonic() < deadline, "no trial started"
+        time.sleep(0.2)
+    night.send_signal(signal.SIGINT)
+    out, err = night.communicate(timeout=120)
+    assert night.returncode == 130, out + err
+    assert not (study_dir.root / "tiny" / "nights" / "2026-11-20" / "summary.json").exists()
+
+    resumed = run_sweeper("nightly", str(path), "--date", "2026-11-20")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming night 2026-11-20" in resumed.stdout
+    assert "warm start:" not in resumed.stdout, "the warm start is enqueued once"
+    first = night_study(study_dir, "2026-11-20").get_trials()
+    assert sum(t.state.is_finished() and t.state != TrialState.FAIL for t in first) == 4
+    assert (
+        json.loads(
+            (study_dir.root / "tiny" / "nights" / "2026-11-20" / "summary.json").read_text()
+        )["status"]
+        == "first"
+    )
+
+    forced = run_sweeper("nightly", str(path), "--date", "2026-11-20", "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert "--force: night 2026-11-20 deleted, running it again" in forced.stdout
+    again = night_study(study_dir, "2026-11-20").get_trials()
+    assert len(again) == 4 and all(t.state == TrialState.COMPLETE for t in again)
