@@ -45,6 +45,9 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
         "metric": config.study.metric,
         "counts": counts(study),
         "n_trials": config.study.n_trials,
+        "overfit_trials": [
+            t.number for t in study.get_trials(deepcopy=False) if "overfit" in t.user_attrs
+        ],
         "best": None,
     }
     if best is None:

@@ -423,6 +423,10 @@ def _counts_line(data: dict[str, Any]) -> str:
 
 def _print_best(data: dict[str, Any]) -> None:
     _say(_counts_line(data))
+    overfit = data.get("overfit_trials") or []
+    if overfit:
+        numbers = ", ".join(map(str, overfit[:20])) + (" …" if len(overfit) > 20 else "")
+        _say(f"trials that overfit (metric peaked, then fell as the train loss fell): {numbers}")
     best_row = data["best"]
     if best_row is None:
         _say("no trial has completed yet")

@@ -98,6 +98,9 @@ def test_early_stopping_keeps_the_best_value_and_only_the_top_weights(
     assert "peaked at" in best["overfitting"]["overfit_detail"]
     shown = run_sweeper("best", str(path))
     assert "overfitting: val_acc peaked at" in shown.stdout
+    assert "trials that overfit (metric peaked, then fell as the train loss fell): 0, 1, 2" in (
+        shown.stdout
+    )
     report = (study_dir.root / "tiny" / "report.html").read_text()
     assert "trials that overfit</th><td>3:" in report
 
