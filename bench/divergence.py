@@ -4,7 +4,7 @@ The same sweep (digits MLP with tanh, SGD with momentum, lr up to 10, TPE with t
 seed) runs under five settings, over several seeds. Every trial records where
 its loss diverged (``divergence_onset``), also when the guard only watches.
 
-    python bench/divergence.py [--seeds 3] [--trials 24] [--epochs 5]
+    python bench/divergence.py [--seeds 3] [--trials 60] [--epochs 5]
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def spread(values: list[float], fmt: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
