@@ -26,6 +26,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 StudyFile = Annotated[Path, typer.Argument(help="The study file (study.toml).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON (all of it).")]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -88,7 +89,7 @@ def start(
 @handles_errors
 def check(
     study_file: StudyFile,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON, every finding.")] = False,
+    as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
     """Validate the study file and its task, and audit its data, without running anything."""
@@ -183,7 +184,7 @@ def lr_find(
 @handles_errors
 def best(
     study_file: StudyFile,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
     """Show the best trial: value, params, metrics, counts."""
@@ -266,7 +267,7 @@ def _night(text: str) -> Any:
 @handles_errors
 def history(
     study_file: StudyFile,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
     """One row per night: best value, change, trials, duration, status."""
