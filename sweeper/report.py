@@ -82,7 +82,6 @@ def build_report(
 
     trials = read_trials(study)
     sections = [_summary(config, study, trials)]
-    sections.append(_label_suspects(study))
     if earlier:
         items = "".join(
             f'<li><a href="{html.escape(href)}">{html.escape(label)}</a></li>'
@@ -96,6 +95,7 @@ def build_report(
             full_html=False, include_plotlyjs=False, config={"displaylogo": False}
         )
         sections.append(f'<section class="chart"><h2>{html.escape(title)}</h2>{body}</section>')
+    sections.append(_label_suspects(study))
     name = html.escape(config.study.name)
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
