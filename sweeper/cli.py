@@ -27,6 +27,10 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 StudyFile = Annotated[Path, typer.Argument(help="The study file (study.toml).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON (all of it).")]
+Night = Annotated[
+    str | None,
+    typer.Option("--night", help="One night of `sweeper nightly` (YYYY-MM-DD), not the study."),
+]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -121,14 +125,20 @@ def report(
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Default: <folder>/<name>/report.html.")
     ] = None,
+    night: Night = None,
     debug: Debug = False,
 ) -> None:
     """Write the study's report: one self-contained HTML file of charts."""
     from sweeper.report import write_report
     from sweeper.study import load
 
-    config = load_config(study_file)
-    _say(f"report written to {write_report(config, load(config), output)}")
+    config = _config(study_file, night)
+    earlier: list[tuple[str, str]] = []
+    if config.night is not None:
+        from sweeper.nightly import earlier_reports
+
+        earlier = earlier_reports(load_config(study_file), config.night)
+    _say(f"report written to {write_report(config, load(config), output, earlier)}")
 
 
 @app.command()
@@ -185,13 +195,14 @@ def lr_find(
 def best(
     study_file: StudyFile,
     as_json: AsJson = False,
+    night: Night = None,
     debug: Debug = False,
 ) -> None:
     """Show the best trial: value, params, metrics, counts."""
     from sweeper.best import summary
     from sweeper.study import load
 
-    config = load_config(study_file)
+    config = _config(study_file, night)
     data = summary(config, load(config))
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
@@ -203,12 +214,12 @@ def best(
 
 @app.command()
 @handles_errors
-def status(study_file: StudyFile, debug: Debug = False) -> None:
+def status(study_file: StudyFile, night: Night = None, debug: Debug = False) -> None:
     """Show counts, running trials and the best so far, also of a sweep running elsewhere."""
     from sweeper.best import running, summary
     from sweeper.study import load
 
-    config = load_config(study_file)
+    config = _config(study_file, night)
     study = load(config)
     data = summary(config, study)
     _say(_counts_line(data))
@@ -250,6 +261,12 @@ def nightly(
     code = run_night(config, night, force=force, emit=_say)
     if code:
         raise typer.Exit(code)
+
+
+def _config(study_file: Path, night: str | None) -> Any:
+    """The study file's config, or that of one of its nights."""
+    config = load_config(study_file)
+    return config if night is None else config.for_night(_night(night))
 
 
 def _night(text: str) -> Any:

@@ -98,7 +98,7 @@ def run_night(
             emit(f"--force: night {night} deleted, running it again")
         previous = earlier_night(config, night)
         study = _create_with_warm_start(tonight, previous, emit)
-        outcome = start(tonight, emit, live=live, earlier=_earlier_reports(config, night))
+        outcome = start(tonight, emit, live=live, earlier=earlier_reports(config, night))
         summary = summarize(tonight, study, previous)
         summary["report"] = str(outcome.report_file)
         study.set_user_attr(SUMMARY_ATTR, summary)
@@ -357,7 +357,7 @@ def notify(url: str, summary: dict[str, Any], emit: Callable[[str], None]) -> bo
     return False
 
 
-def _earlier_reports(config: StudyConfig, night: dt.date) -> list[tuple[str, str]]:
+def earlier_reports(config: StudyConfig, night: dt.date) -> list[tuple[str, str]]:
     """Links from tonight's report to the reports of the nights before it, latest first."""
     links = []
     for date in sorted(nights(config), reverse=True):

@@ -149,6 +149,11 @@ def load(config: StudyConfig, seed: int | None = None) -> optuna.Study:
     """Load an existing study for reading or for running trials."""
     storage = open_storage(config.storage_url)
     if _find(storage, config.study.name) is None:
+        if config.night is not None:
+            raise StorageError(
+                f"no night {config.night} of study {config.base_name!r} in its storage; "
+                f"`sweeper history {config.path}` lists the nights"
+            )
         raise StorageError(
             f"no study named {config.study.name!r} in its storage yet; run `sweeper start "
             f"{config.path}` first"

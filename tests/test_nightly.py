@@ -158,6 +158,18 @@ def test_three_nights_warm_start_lock_regression_and_webhook(
     assert rows[1]["status"] in {"improved", "steady", "regression"}
     table = run_sweeper("history", str(path))
     assert "2026-11-22" in table.stdout and "regression" in table.stdout
+    (night_dir / "2026-11-22" / "report.html").unlink()
+    again = run_sweeper("report", str(path), "--night", "2026-11-22")
+    assert again.returncode == 0, again.stderr
+    assert (
+        '<a href="../2026-11-21/report.html">'
+        in (night_dir / "2026-11-22" / "report.html").read_text()
+    )
+    best = json.loads(run_sweeper("best", str(path), "--night", "2026-11-21", "--json").stdout)
+    assert best["study"] == "tiny@2026-11-21" and best["counts"]["complete"] == 4
+    missing = run_sweeper("status", str(path), "--night", "2026-11-19")
+    assert missing.returncode == 2
+    assert "no night 2026-11-19 of study 'tiny' in its storage" in missing.stderr
 
 
 def test_a_dead_webhook_never_fails_the_night(study_dir: StudyDir) -> None:
