@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import BASE, FIXTURES, run_sweeper, study, sweeper_cmd, toml_text
+from tests.conftest import BASE, FIXTURES, free_port, run_sweeper, study, sweeper_cmd, toml_text
+from tests.test_views import wait_http
 
 SERVER = os.environ.get("SWEEPER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
@@ -91,6 +93,22 @@ def test_two_machines_share_one_study_and_run_exactly_n_trials(
     assert "12/12 finished" in status.stdout
     shown = json.loads(run_sweeper("best", str(first), "--json").stdout)
     assert shown["best"]["trial"] in range(12)
+
+    port = free_port()
+    server = subprocess.Popen(
+        sweeper_cmd("dashboard", str(second), "--port", str(port)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/studies")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/1") as answer:
+            study = json.loads(answer.read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert study["name"] == "tiny" and len(study["trials"]) == 12
 
 
 def claim_until_full(path: str) -> None:
