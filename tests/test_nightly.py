@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import optuna
 import pytest
@@ -382,3 +383,18 @@ def test_an_interrupted_night_resumes_and_force_runs_a_finished_one_again(
     assert "--force: night 2026-11-20 deleted, running it again" in forced.stdout
     again = night_study(study_dir, "2026-11-20").get_trials()
     assert len(again) == 4 and all(t.state == TrialState.COMPLETE for t in again)
+
+
+def test_crontab_install_warns_when_cron_reads_another_time_zone(study_dir: StudyDir) -> None:
+    local = dt.datetime.now().astimezone().utcoffset()
+    zone = next(
+        z
+        for z in ("Asia/Tokyo", "America/New_York")
+        if dt.datetime.now(ZoneInfo(z)).utcoffset() != local
+    )
+    path = study_dir.write(study(schedule={"cron": "0 2 * * *", "timezone": zone}))
+    crontab = study_dir.root / "crontab"
+    result = run_sweeper("schedule", "install", str(path), "--crontab-file", str(crontab))
+    assert result.returncode == 0, result.stderr
+    assert f"cron reads '0 2 * * *' in this machine's time zone, not in {zone}" in result.stderr
+    assert "use --systemd for a timer in" in result.stderr
