@@ -355,12 +355,14 @@ def schedule_install(
     from sweeper import schedule
 
     config = load_config(study_file)
-    schedule.log_file(config).parent.mkdir(parents=True, exist_ok=True)
     if systemd:
+        schedule.systemd_units(config)  # refuses what systemd cannot express
+        schedule.log_file(config).parent.mkdir(parents=True, exist_ok=True)
         schedule.install_systemd(config, enable, _say)
         return
     crontab = schedule.Crontab(crontab_file)
     block = schedule.crontab_block(config)
+    schedule.log_file(config).parent.mkdir(parents=True, exist_ok=True)
     before = crontab.read()
     after = schedule.install_crontab(before, block, block[0])
     if after == before:

@@ -279,10 +279,11 @@ def systemd_units(config: StudyConfig, python: str = sys.executable) -> dict[str
 
 def install_systemd(config: StudyConfig, enable: bool, emit: Callable[[str], None]) -> list[Path]:
     """Write the units (unchanged files are left alone) and enable the timer if asked."""
+    units = systemd_units(config)  # refuses what systemd cannot express, before writing
     folder = unit_dir()
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for file_name, text in systemd_units(config).items():
+    for file_name, text in units.items():
         path = folder / file_name
         if not path.exists() or path.read_text() != text:
             path.write_text(text)

@@ -149,3 +149,15 @@ def test_normalise_folds_case_space_and_punctuation_but_not_emoticons() -> None:
     assert normalise("  Good,  FILM! ") == normalise("good film")
     assert normalise(">:(") != normalise(">;)")
     assert normalise(":S") == normalise("s:")
+
+
+def test_a_bad_examples_hook_is_a_clear_error(study_dir: StudyDir) -> None:
+    task = study_dir.root / "tiny_task.py"
+    task.write_text(task.read_text() + "\n\ndef examples():\n    return [1, 2]\n")
+    result = run_sweeper("check", str(study_dir.write()))
+    assert result.returncode == 2
+    assert "task.name: examples() must return a mapping with a 'train' split" in result.stderr
+    task.write_text(task.read_text().replace("return [1, 2]", "return {'train': [{'text': 'x'}]}"))
+    result = run_sweeper("check", str(study_dir.write()))
+    assert result.returncode == 2
+    assert "examples(): train row 1 needs 'text' and 'label'" in result.stderr

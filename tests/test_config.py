@@ -126,6 +126,10 @@ CASES = {
         study(validation={"folds": 0}),
         ["validation.folds:", "greater than or equal to 1"],
     ),
+    "keep_weights negative": (
+        study(study={"keep_weights": -1}),
+        ["study.keep_weights:", "greater than or equal to 0"],
+    ),
     "internal key in the file": (study(night={"x": 1}), ["night: unknown key"]),
     "bad devices": (study(resources={"devices": "gpu"}), ["resources.devices: must be"]),
     "missing GPU": (

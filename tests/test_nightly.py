@@ -398,3 +398,20 @@ def test_crontab_install_warns_when_cron_reads_another_time_zone(study_dir: Stud
     assert result.returncode == 0, result.stderr
     assert f"cron reads '0 2 * * *' in this machine's time zone, not in {zone}" in result.stderr
     assert "use --systemd for a timer in" in result.stderr
+
+
+def test_a_cron_expression_systemd_cannot_express_is_refused(
+    study_dir: StudyDir, tmp_path: Path
+) -> None:
+    path = study_dir.write(study(schedule={"cron": "0 2 1 * 1"}))
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    result = subprocess.run(
+        sweeper_cmd("schedule", "install", str(path), "--systemd", "--no-enable"),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "cannot express '0 2 1 * 1' as a systemd timer" in result.stderr
+    assert "day of the month OR the weekday" in result.stderr
+    assert not (tmp_path / "config").exists() and study_dir.created() == []
