@@ -203,9 +203,10 @@ def _check_same_study(config: StudyConfig, study: optuna.Study, space: SearchSpa
 def claim_lock(config: StudyConfig) -> Iterator[None]:
     """Serialize counting and asking among every worker of one study.
 
-    SQLite: a file lock beside the database (one machine). PostgreSQL: an
-    advisory lock in the database, so workers on every machine that joins the
-    study take turns; the server drops it if the holder dies.
+    SQLite: a file lock beside the database (one machine). PostgreSQL and
+    MySQL/MariaDB: a lock held by a database session, so workers on every
+    machine that joins the study take turns; the server drops it if the
+    holder dies.
     """
     url = config.storage_url
     path = sqlite_path(url)
@@ -215,7 +216,7 @@ def claim_lock(config: StudyConfig) -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(f"{path}.lock"):
             yield
-    elif url.startswith(("postgresql", "postgres")):
+    elif url.startswith(("postgresql", "postgres", "mysql", "mariadb")):
         with _advisory_lock(url, config.study.name):
             yield
     else:
@@ -224,21 +225,35 @@ def claim_lock(config: StudyConfig) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _advisory_lock(url: str, name: str) -> Iterator[None]:
+    """A lock held by a database session: PostgreSQL advisory lock, MySQL/MariaDB GET_LOCK."""
     import hashlib
 
     import sqlalchemy as sa
 
-    key = int.from_bytes(hashlib.sha256(f"sweeper:{name}".encode()).digest()[:8], signed=True)
+    digest = hashlib.sha256(f"sweeper:{name}".encode()).digest()
+    mysql = url.startswith(("mysql", "mariadb"))
+    if mysql:  # MariaDB takes no negative (endless) timeout: wait up to a day
+        lock = f"SELECT GET_LOCK(:key, {LOCK_WAIT})"
+        unlock = "SELECT RELEASE_LOCK(:key)"
+        key: int | str = f"sweeper:{digest.hex()[:40]}"  # lock names: 64 characters at most
+    else:
+        lock = "SELECT pg_advisory_lock(:key)"
+        unlock = "SELECT pg_advisory_unlock(:key)"
+        key = int.from_bytes(digest[:8], signed=True)
     engine = _lock_engine(url)
     with engine.connect() as connection:
-        connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        got = connection.execute(sa.text(lock), {"key": key}).scalar()
+        if mysql and got != 1:
+            raise StorageError(f"could not take the claim lock of study {name!r} in {LOCK_WAIT} s")
         try:
             yield
         finally:
-            connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            connection.execute(sa.text(unlock), {"key": key})
 
 
 _ENGINES: dict[tuple[int, str], Any] = {}
+LOCK_WAIT = 86400
+"""Seconds a claim waits for the lock on MySQL/MariaDB before giving up."""
 
 
 def _lock_engine(url: str) -> Any:

@@ -1,4 +1,4 @@
-"""Several machines on one study through a real PostgreSQL server (loopback)."""
+"""Several machines on one study through real PostgreSQL and MariaDB servers (loopback)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tests.conftest import BASE, FIXTURES, free_port, run_sweeper, study, sweepe
 from tests.test_views import wait_http
 
 SERVER = os.environ.get("SWEEPER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+MARIADB = os.environ.get("SWEEPER_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306")
 
 
 @pytest.fixture
@@ -36,6 +37,26 @@ def database() -> Iterator[str]:
         yield f"{SERVER}/{name}"
     finally:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+@pytest.fixture
+def mariadb() -> Iterator[str]:
+    """A new, empty MariaDB/MySQL database, dropped afterwards."""
+    import pymysql
+
+    name = f"sweeper_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = pymysql.connect(host="127.0.0.1", port=3306, user="root", connect_timeout=5)
+    except pymysql.err.OperationalError as exc:
+        pytest.skip(f"no MariaDB server at {MARIADB} ({exc}); set SWEEPER_TEST_MYSQL")
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{MARIADB}/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name}")
         admin.close()
 
 
@@ -129,6 +150,15 @@ def claim_until_full(path: str) -> None:
 
 
 def test_claims_from_many_processes_never_overshoot(tmp_path: Path, database: str) -> None:
+    race_for_places(tmp_path, database)
+
+
+def test_claims_on_mariadb_never_overshoot(tmp_path: Path, mariadb: str) -> None:
+    race_for_places(tmp_path, mariadb)
+
+
+def race_for_places(tmp_path: Path, database: str) -> None:
+    """Eight processes claim as fast as they can the places of a 60-trial study."""
     import multiprocessing
 
     path = machine(tmp_path, "machine-a", database, 60)
