@@ -65,6 +65,7 @@ def run_night(
     live: Callable[[Any], None] | None = None,
 ) -> int:
     """Run or resume one night; exit code 0, EXIT_REGRESSION, or 1 when nothing completed."""
+    from sweeper.audit import audit, enforce
     from sweeper.start import start, validate
 
     tonight = config.for_night(night)
@@ -78,6 +79,11 @@ def run_night(
         emit(busy)
         return 0
     lock.release()
+    findings = audit(tonight)  # bad data stops the night before anything is written
+    if findings.errors:
+        for line in findings.lines():
+            emit(line)
+        enforce(findings, tonight, force=False)
     validate(tonight)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     if not _try(lock):
@@ -97,8 +103,14 @@ def run_night(
             )
             emit(f"--force: night {night} deleted, running it again")
         previous = earlier_night(config, night)
-        study = _create_with_warm_start(tonight, previous, emit)
-        outcome = start(tonight, emit, live=live, earlier=earlier_reports(config, night))
+        outcome = start(
+            tonight,
+            emit,
+            live=live,
+            earlier=earlier_reports(config, night),
+            before_trials=lambda study: warm_start(tonight, study, previous, emit),
+        )
+        study = outcome.study
         summary = summarize(tonight, study, previous)
         summary["report"] = str(outcome.report_file)
         study.set_user_attr(SUMMARY_ATTR, summary)
@@ -197,16 +209,16 @@ def _clip(value: float, distribution: BaseDistribution) -> float:
     return type(value)(clipped) if isinstance(value, int) else clipped
 
 
-def _create_with_warm_start(
-    tonight: StudyConfig, previous: EarlierNight | None, emit: Callable[[str], None]
-) -> optuna.Study:
-    """Create or resume tonight's study; enqueue the warm start once, before any trial."""
-    from sweeper.study import create_or_resume
-
-    study = create_or_resume(tonight)
+def warm_start(
+    tonight: StudyConfig,
+    study: optuna.Study,
+    previous: EarlierNight | None,
+    emit: Callable[[str], None],
+) -> None:
+    """Enqueue the warm start into tonight's new study, once, before any trial runs."""
     if WARM_START_ATTR in study.user_attrs:
         emit(f"resuming night {tonight.night}")
-        return study
+        return
     notes: list[str] = []
     top_k = min(tonight.schedule.warm_start_top_k, tonight.study.n_trials)
     if previous is None:
@@ -231,7 +243,6 @@ def _create_with_warm_start(
     for note in notes:
         emit(f"warm start: {note}")
     study.set_user_attr(WARM_START_ATTR, notes)
-    return study
 
 
 def summarize(

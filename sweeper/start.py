@@ -25,6 +25,7 @@ class Outcome:
     best_file: Path | None
     report_file: Path
     recovered: list[int]
+    study: Any
 
 
 def validate(config: StudyConfig) -> list[Slot]:
@@ -60,13 +61,15 @@ def start(
     live: Callable[[Any], None] | None = None,
     earlier: Sequence[tuple[str, str]] = (),
     force: bool = False,
+    before_trials: Callable[[Any], None] | None = None,
 ) -> Outcome:
     """Run the study to ``n_trials`` finished trials on every slot; return the best.
 
     ``emit`` gets one line per event; ``live``, when given, a fresh view of the
     study at every check (a terminal shows it in place); ``earlier`` links the
     report to the reports of earlier nights. Errors of the data audit stop the
-    sweep before anything is written, unless ``force``.
+    sweep before anything is written, unless ``force``. ``before_trials`` gets
+    the created (or resumed) study before any worker starts.
     """
     from sweeper.audit import STORED, audit, enforce
     from sweeper.best import summary, write_best_toml
@@ -84,6 +87,8 @@ def start(
     slots = validate(config)
     study = create_or_resume(config)
     study.set_user_attr("data_audit", findings.to_dict(rows=STORED))
+    if before_trials is not None:
+        before_trials(study)
     recovered = recover_orphans(study)
     for number in recovered:
         emit(f"trial {number} was left running by a stopped sweep: failed and enqueued again")
@@ -138,6 +143,7 @@ def start(
         write_best_toml(config, data),
         write_report(config, study, earlier=earlier),
         recovered,
+        study,
     )
 
 

@@ -415,3 +415,19 @@ def test_a_cron_expression_systemd_cannot_express_is_refused(
     assert "cannot express '0 2 1 * 1' as a systemd timer" in result.stderr
     assert "day of the month OR the weekday" in result.stderr
     assert not (tmp_path / "config").exists() and study_dir.created() == []
+
+
+def test_bad_data_stops_a_night_before_anything_is_written(study_dir: StudyDir) -> None:
+    task = study_dir.root / "tiny_task.py"
+    task.write_text(
+        task.read_text() + "\n\ndef examples():\n"
+        "    return {'train': [{'text': 'x', 'label': 'a'}, {'text': 'x', 'label': 'b'}],\n"
+        "            'val': [{'text': 'y', 'label': 'a'}, {'text': 'z', 'label': 'b'}]}\n"
+    )
+    path = study_dir.write(nightly_study("http://127.0.0.1:9/hook"))
+    result = run_sweeper("nightly", str(path), "--date", "2026-11-20")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "conflicting labels" in result.stdout
+    assert "'x': train row 1 (a), train row 2 (b)" in result.stdout
+    assert "the data audit found 1 error(s)" in result.stderr
+    assert study_dir.created() == [], "no storage, no night folder, no lock file"
