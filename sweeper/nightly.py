@@ -65,8 +65,7 @@ def run_night(
     live: Callable[[Any], None] | None = None,
 ) -> int:
     """Run or resume one night; exit code 0, EXIT_REGRESSION, or 1 when nothing completed."""
-    from sweeper.audit import audit, enforce
-    from sweeper.start import start, validate
+    from sweeper.start import check, start
 
     tonight = config.for_night(night)
     lock_path = config.output_dir / "nightly.lock"
@@ -79,18 +78,13 @@ def run_night(
         emit(busy)
         return 0
     lock.release()
-    findings = audit(tonight)  # bad data stops the night before anything is written
-    if findings.errors:
-        for line in findings.lines():
-            emit(line)
-        enforce(findings, tonight, force=False)
-    validate(tonight)
+    checked = check(tonight, emit)  # bad data or input stops the night before any write
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     if not _try(lock):
         emit(busy)
         return 0
     try:
-        finished = stored_summary(tonight)
+        finished = stored_summary(config, night)
         if finished is not None and not force:
             emit(
                 f"night {night} of study {config.study.name!r} already finished "
@@ -109,6 +103,7 @@ def run_night(
             live=live,
             earlier=earlier_reports(config, night),
             before_trials=lambda study: warm_start(tonight, study, previous, emit),
+            checked=checked,
         )
         study = outcome.study
         summary = summarize(tonight, study, previous)
@@ -148,11 +143,10 @@ def nights(config: StudyConfig) -> dict[dt.date, str]:
     return dict(sorted(found.items()))
 
 
-def stored_summary(tonight: StudyConfig) -> dict[str, Any] | None:
+def stored_summary(config: StudyConfig, night: dt.date) -> dict[str, Any] | None:
     """The summary a finished night stored, or None for a night not run or not finished."""
-    if tonight.night not in nights(_base(tonight)):
-        return None
-    return _load(tonight, tonight.study.name).user_attrs.get(SUMMARY_ATTR)
+    name = nights(config).get(night)
+    return None if name is None else _load(config, name).user_attrs.get(SUMMARY_ATTR)
 
 
 def earlier_night(config: StudyConfig, night: dt.date) -> EarlierNight | None:
@@ -382,11 +376,6 @@ def _load(config: StudyConfig, name: str) -> optuna.Study:
     return optuna.load_study(
         study_name=name, storage=open_storage(config.storage_url, writer=False)
     )
-
-
-def _base(tonight: StudyConfig) -> StudyConfig:
-    study = tonight.study.model_copy(update={"name": tonight.base_name})
-    return tonight.model_copy(update={"study": study, "night": None})
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -54,6 +54,28 @@ def validate(config: StudyConfig) -> list[Slot]:
         raise DeviceError(f"{config.path}: {exc}") from None
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A study that passed its data audit and validation: the findings and the slots."""
+
+    findings: Any
+    slots: list[Slot]
+
+
+def check(config: StudyConfig, emit: Callable[[str], None], force: bool = False) -> Checked:
+    """Audit the data (printing the findings) and validate; nothing is written.
+
+    Errors of the data audit stop here unless ``force``.
+    """
+    from sweeper.audit import audit, enforce
+
+    findings = audit(config)
+    for line in findings.lines():
+        emit(line)
+    enforce(findings, config, force)
+    return Checked(findings, validate(config))
+
+
 def start(
     config: StudyConfig,
     emit: Callable[[str], None],
@@ -62,6 +84,7 @@ def start(
     earlier: Sequence[tuple[str, str]] = (),
     force: bool = False,
     before_trials: Callable[[Any], None] | None = None,
+    checked: Checked | None = None,
 ) -> Outcome:
     """Run the study to ``n_trials`` finished trials on every slot; return the best.
 
@@ -69,9 +92,10 @@ def start(
     study at every check (a terminal shows it in place); ``earlier`` links the
     report to the reports of earlier nights. Errors of the data audit stop the
     sweep before anything is written, unless ``force``. ``before_trials`` gets
-    the created (or resumed) study before any worker starts.
+    the created (or resumed) study before any worker starts; ``checked``, the
+    result of :func:`check` when the caller ran it already.
     """
-    from sweeper.audit import STORED, audit, enforce
+    from sweeper.audit import STORED
     from sweeper.best import summary, write_best_toml
     from sweeper.dashboard import publish
     from sweeper.launcher import Sweep
@@ -80,13 +104,10 @@ def start(
     from sweeper.storage import mask_url
     from sweeper.study import create_or_resume, recover_orphans, systematic_failure
 
-    findings = audit(config)
-    for line in findings.lines():
-        emit(line)
-    enforce(findings, config, force)
-    slots = validate(config)
+    checked = checked or check(config, emit, force)
+    slots = checked.slots
     study = create_or_resume(config)
-    study.set_user_attr("data_audit", findings.to_dict(rows=STORED))
+    study.set_user_attr("data_audit", checked.findings.to_dict(rows=STORED))
     if before_trials is not None:
         before_trials(study)
     recovered = recover_orphans(study)
