@@ -1,6 +1,6 @@
 """Time to build the report of a large study (synthetic trials written straight to storage).
 
-The report reads the trials as plain rows (sweeper.trials); Optuna's own read of
+The report reads the trials as plain rows (sweeper.store); Optuna's own read of
 the same trials is timed beside it for comparison.
 
 python bench/report.py [--trials 10000]
@@ -20,8 +20,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from sweeper.config import parse_config
-from sweeper.report import build_report
-from sweeper.trials import read_trials
+from sweeper.results.report import build_report
+from sweeper.store import read_trials
 
 STUDY = {
     "study": {"name": "big", "direction": "maximize", "metric": "val_acc", "n_trials": 10},

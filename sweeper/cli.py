@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ import typer
 from rich.console import Console
 
 from sweeper.config import load_config
-from sweeper.errors import SweeperError
+from sweeper.errors import SweeperError, Terminated
 
 app = typer.Typer(
     help="Hyperparameter sweeps for fine-tuning: one TOML file, every device busy.",
@@ -42,6 +43,9 @@ def handles_errors(command: F) -> F:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # SIGTERM (docker stop, Kubernetes, systemd) stops as Ctrl-C does; an
+        # explicit handler also makes it reach sweeper when it runs as PID 1.
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return command(*args, **kwargs)
         except SweeperError as exc:
@@ -49,11 +53,18 @@ def handles_errors(command: F) -> F:
                 raise
             err.print(f"error: {exc}", markup=False)
             raise typer.Exit(exc.exit_code) from None
+        except Terminated:
+            err.print("terminated", markup=False)
+            raise typer.Exit(Terminated.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted", markup=False)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def _say(line: str) -> None:
@@ -73,14 +84,21 @@ def start(
     debug: Debug = False,
 ) -> None:
     """Run the study until n_trials trials are finished, then show the best."""
-    from sweeper.start import start as run
+    from sweeper.sweep import LiveView
+    from sweeper.sweep import start as run
 
     config = load_config(study_file, n_trials=n_trials)
     if out.is_terminal:
         from rich.live import Live
 
         with Live(console=out, refresh_per_second=2, transient=True) as view:
-            outcome = run(config, _say, n_trials=n_trials, live=view.update, force=force)
+            outcome = run(
+                config,
+                _say,
+                n_trials=n_trials,
+                observers=[LiveView(config, view.update)],
+                force=force,
+            )
     else:
         outcome = run(config, _say, n_trials=n_trials, force=force)
     _print_best(outcome.summary)
@@ -98,7 +116,7 @@ def check(
 ) -> None:
     """Validate the study file and its task, and audit its data, without running anything."""
     from sweeper.audit import audit, enforce
-    from sweeper.start import validate
+    from sweeper.sweep import validate
 
     config = load_config(study_file)
     findings = audit(config)
@@ -129,16 +147,18 @@ def report(
     debug: Debug = False,
 ) -> None:
     """Write the study's report: one self-contained HTML file of charts."""
-    from sweeper.report import write_report
-    from sweeper.study import load
+    from sweeper.results.report import write_report
+    from sweeper.store import load
 
     config = _config(study_file, night)
     earlier: list[tuple[str, str]] = []
     if config.night is not None:
-        from sweeper.nightly import earlier_reports
+        from sweeper.nightly.night import earlier_reports
 
         earlier = earlier_reports(load_config(study_file), config.night)
-    _say(f"report written to {write_report(config, load(config), output, earlier)}")
+    _say(
+        f"report written to {write_report(config, load(config, read_only=True), output, earlier)}"
+    )
 
 
 @app.command()
@@ -150,8 +170,8 @@ def dashboard(
     debug: Debug = False,
 ) -> None:
     """Serve optuna-dashboard on the study's storage."""
-    from sweeper.dashboard import serve
-    from sweeper.study import load
+    from sweeper.results.dashboard import serve
+    from sweeper.store import load
 
     config = load_config(study_file)
     load(config)  # a clear error when there is no study yet
@@ -199,11 +219,11 @@ def best(
     debug: Debug = False,
 ) -> None:
     """Show the best trial: value, params, metrics, counts."""
-    from sweeper.best import summary
-    from sweeper.study import load
+    from sweeper.results.best import summary
+    from sweeper.store import load
 
     config = _config(study_file, night)
-    data = summary(config, load(config))
+    data = summary(config, load(config, read_only=True))
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     else:
@@ -216,11 +236,11 @@ def best(
 @handles_errors
 def status(study_file: StudyFile, night: Night = None, debug: Debug = False) -> None:
     """Show counts, running trials and the best so far, also of a sweep running elsewhere."""
-    from sweeper.best import running, summary
-    from sweeper.study import load
+    from sweeper.results.best import running, summary
+    from sweeper.store import load
 
     config = _config(study_file, night)
-    study = load(config)
+    study = load(config, read_only=True)
     data = summary(config, study)
     _say(_counts_line(data))
     for row in running(study):
@@ -254,7 +274,7 @@ def nightly(
     debug: Debug = False,
 ) -> None:
     """Run tonight's sweep, warm-started from last night; exit 3 on a regression."""
-    from sweeper.nightly import run_night, today
+    from sweeper.nightly.night import run_night, today
 
     config = load_config(study_file)
     night = _night(date) if date is not None else today(config)
@@ -291,7 +311,7 @@ def history(
     from rich import box
     from rich.table import Table
 
-    from sweeper.nightly import history as rows_of
+    from sweeper.nightly.night import history as rows_of
 
     config = load_config(study_file)
     rows = rows_of(config)
@@ -352,7 +372,7 @@ def schedule_install(
     debug: Debug = False,
 ) -> None:
     """Install the nightly run; installing again changes nothing."""
-    from sweeper import schedule
+    from sweeper.nightly import schedule
 
     config = load_config(study_file)
     if systemd:
@@ -384,7 +404,7 @@ def schedule_show(
     debug: Debug = False,
 ) -> None:
     """Show the installed entry and the next runs."""
-    from sweeper import schedule
+    from sweeper.nightly import schedule
 
     config = load_config(study_file)
     lines: list[str] = []
@@ -414,7 +434,7 @@ def schedule_remove(
     debug: Debug = False,
 ) -> None:
     """Remove the entry; every other line of the crontab stays as it was."""
-    from sweeper import schedule
+    from sweeper.nightly import schedule
 
     config = load_config(study_file)
     if systemd:
@@ -464,7 +484,7 @@ def _print_best(data: dict[str, Any]) -> None:
         gaps = ", ".join(f"{k} {v:+.4f}" for k, v in best_row["gap"].items())
         _say(f"  train/val gap at its best validation: {gaps}")
     if best_row.get("overfit"):
-        from sweeper.overfitting import describe
+        from sweeper.run.overfitting import describe
 
         _say(f"  overfitting: {describe(best_row['overfit'], data['metric'])}")
     if best_row.get("weights"):

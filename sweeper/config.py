@@ -39,6 +39,7 @@ class StudySection(_Section):
     seed: int = 0
     storage: str | None = None
     keep_weights: int = Field(default=1, ge=0)
+    max_failures: PositiveInt = 10
 
 
 class TaskSection(BaseModel):
@@ -64,7 +65,7 @@ class PluginSection(BaseModel):
 
 
 class DivergenceSection(_Section):
-    """The divergence guard: see :class:`sweeper.divergence.DivergenceGuard`."""
+    """The divergence guard: see :class:`sweeper.run.divergence.DivergenceGuard`."""
 
     enabled: bool = True
     factor: float = Field(default=4.0, gt=1.0)
@@ -93,7 +94,7 @@ class AuditSection(_Section):
 
 
 class ScheduleSection(_Section):
-    """Nightly sweeps: see :mod:`sweeper.nightly` and :mod:`sweeper.schedule`."""
+    """Nightly sweeps: see :mod:`sweeper.nightly.night` and :mod:`sweeper.nightly.schedule`."""
 
     cron: str | None = None
     timezone: str = "UTC"

@@ -47,3 +47,9 @@ class SweepFailed(SweeperError):
     """The sweep stopped because trials fail systematically."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (Docker, Kubernetes, systemd): stop as Ctrl-C does, exit 143."""
+
+    exit_code = 143

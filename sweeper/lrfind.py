@@ -72,9 +72,9 @@ def run_range_test(config: StudyConfig, steps: int = 100) -> RangeTest:
     import lightning.pytorch as pl
     from lightning.pytorch.tuner import Tuner
 
-    from sweeper.devices import Slot
+    from sweeper.run.devices import Slot
+    from sweeper.run.trial import build_task, quiet_lightning, trainer_options
     from sweeper.tasks import load_task
-    from sweeper.trial import build_task, quiet_lightning, trainer_options
 
     space = parse_space(config.search, config.path)
     name, dist = lr_entry(config, space)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sweeper.devices import Slot, plan_slots
 from sweeper.errors import DeviceError
-from sweeper.launcher import worker_command
+from sweeper.run.devices import Slot, plan_slots
+from sweeper.run.launcher import worker_command
 
 
 def test_auto_without_gpu_uses_cpu_workers_sharing_the_cores() -> None:
@@ -53,7 +53,7 @@ def test_gpu_worker_sees_only_its_gpu_with_its_share_of_threads() -> None:
     assert env["TOKENIZERS_PARALLELISM"] == "false"
     assert cmd[1:] == [
         "-m",
-        "sweeper.worker",
+        "sweeper.run.worker",
         "s.toml",
         "--slot",
         "3",

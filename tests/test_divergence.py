@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sweeper.divergence import DivergenceGuard
+from sweeper.run.divergence import DivergenceGuard
 
 
 def run(guard: DivergenceGuard, losses: list[float]) -> tuple[int | None, str | None]:
@@ -160,7 +160,7 @@ def test_gp_leaves_the_region_where_trials_diverged() -> None:
     import optuna
 
     from sweeper.config import parse_config
-    from sweeper.study import sampler_for
+    from sweeper.plugins import sampler_for
 
     config = parse_config(
         {

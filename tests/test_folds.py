@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeper.folds import stratified_folds
+from sweeper.run.folds import stratified_folds
 from tests.conftest import FIXTURES, StudyDir, run_sweeper, study
 from tests.test_text_task import text_study, tiny_bert
 

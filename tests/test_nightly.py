@@ -21,8 +21,8 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from sweeper.nightly import EXIT_REGRESSION, fit_to_space
-from sweeper.schedule import on_calendar
+from sweeper.nightly.night import EXIT_REGRESSION, fit_to_space
+from sweeper.nightly.schedule import on_calendar
 from sweeper.space import SearchSpace
 from tests.conftest import StudyDir, run_sweeper, study, sweeper_cmd
 

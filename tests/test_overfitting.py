@@ -9,7 +9,7 @@ import tomllib
 import optuna
 from optuna.trial import TrialState
 
-from sweeper.overfitting import gap, overfit
+from sweeper.run.overfitting import gap, overfit
 from tests.conftest import FIXTURES, StudyDir, run_sweeper
 
 PEAKED = "0.5,0.7,0.9,0.8,0.7,0.6"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from sweeper.progress import EventLog
+from sweeper.results.progress import EventLog
 
 
 def snapshot(number: int, state: TrialState, value: float | None = None, **attrs):
@@ -49,7 +49,7 @@ def test_events_for_start_finish_prune_fail_and_new_best() -> None:
 def test_study_view_shows_slots_and_the_study_line() -> None:
     from rich.console import Console
 
-    from sweeper.progress import study_view
+    from sweeper.results.progress import study_view
 
     running = snapshot(
         3,

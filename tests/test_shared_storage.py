@@ -137,13 +137,13 @@ def claim_until_full(path: str) -> None:
     import tomllib
 
     from sweeper.config import parse_config
-    from sweeper.study import claim, claim_lock, load
+    from sweeper.store import Owner, claim, claim_lock, load
 
     config = parse_config(tomllib.loads(Path(path).read_text()), Path(path))
     study = load(config)
     while True:
         with claim_lock(config):
-            trial = claim(study, config)
+            trial = claim(study, config, Owner.me(), {})
         if trial is None:
             return
         study.tell(trial, 0.5)

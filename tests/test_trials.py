@@ -8,8 +8,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sweeper.config import parse_config
-from sweeper.study import create_or_resume
-from sweeper.trials import read_trials
+from sweeper.store import create_or_resume, read_trials
 from tests.conftest import StudyDir, study
 
 

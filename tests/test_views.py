@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from sweeper.report import compute, outcome
+from sweeper.results.report import compute, outcome
 from tests.browser import page, screenshot
 from tests.conftest import StudyDir, free_port, run_sweeper, study, sweeper_cmd
 

@@ -59,11 +59,16 @@ def load_task(config: StudyConfig) -> Build:
             raise TaskError(
                 f"{where}: no module {module_name!r} next to the study file or on sys.path"
             ) from None
-        raise TaskError(f"{where}: importing {module_name!r} failed: {exc}") from None
+        raise TaskError(f"{where}: importing {module_name!r} failed: {exc}") from exc
+    except SystemExit as exc:  # sys.exit() at import must not end sweeper silently
+        raise TaskError(
+            f"{where}: importing {module_name!r} called sys.exit({exc.code!r}); a task module "
+            "must not exit"
+        ) from exc
     except Exception as exc:  # a user's module can raise anything while importing
         raise TaskError(
             f"{where}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
-        ) from None
+        ) from exc
     build = getattr(module, function_name, None)
     if not callable(build):
         raise TaskError(f"{where}: module {module_name!r} has no function {function_name!r}")
@@ -71,6 +76,6 @@ def load_task(config: StudyConfig) -> Build:
         raise ConfigError(
             f"{config.path}: validation.folds: task {name!r} does not split folds itself; give "
             f"{module_name} `supports_folds = True` and make {function_name} validate on fold "
-            "params['fold'] of params['folds'] (sweeper.folds.stratified_folds splits them)"
+            "params['fold'] of params['folds'] (sweeper.run.folds.stratified_folds splits them)"
         )
     return build

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sweeper.config import StudyConfig
 from sweeper.errors import ConfigError, DataError
-from sweeper.folds import stratified_folds
+from sweeper.run.folds import stratified_folds
 
 DEFAULTS: dict[str, Any] = {
     "learning_rate": 5e-5,

@@ -15,10 +15,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.atomic import write_text
-from sweeper.best import best_trial, record_at_best
 from sweeper.config import StudyConfig
-from sweeper.overfitting import describe as describe_overfit
-from sweeper.trials import read_trials
+from sweeper.results.best import best_trial, record_at_best
+from sweeper.run.overfitting import describe as describe_overfit
+from sweeper.store import read_trials
 
 OUTCOME_COLOURS = {
     "complete": "#1f77b4",

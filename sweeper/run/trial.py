@@ -6,7 +6,7 @@ import difflib
 import inspect
 import math
 import os
-import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -18,13 +18,14 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from optuna.trial import TrialState
 
-from sweeper.callbacks import DivergenceCallback, TrialRecorder, TrialStopped
 from sweeper.config import StudyConfig
-from sweeper.devices import Slot
-from sweeper.divergence import DivergenceGuard
 from sweeper.errors import ConfigError, TaskError
+from sweeper.plugins import trial_seed
+from sweeper.run.callbacks import DivergenceCallback, TrialRecorder, TrialStopped
+from sweeper.run.devices import Slot
+from sweeper.run.divergence import DivergenceGuard
 from sweeper.space import parse_space
-from sweeper.study import claim, claim_lock, trial_seed
+from sweeper.store import Owner, SamplerFailed, claim, claim_lock, tell
 from sweeper.tasks import Build
 
 EXIT_TOLD = 0
@@ -32,6 +33,9 @@ EXIT_TOLD = 0
 
 EXIT_NO_TRIAL = 3
 """Nothing left to claim: ``n_trials`` are finished or under way."""
+
+EXIT_SAMPLER = 4
+"""The sampler failed to give a trial; the trial is failed and the sweep must stop."""
 
 RESERVED_TRAINER_KEYS = {
     "accelerator": "[resources] devices",
@@ -117,7 +121,12 @@ def _bf16_supported() -> bool:
 
 
 def run_trial(
-    config: StudyConfig, slot: Slot, build: Build, study: optuna.Study, channel: int
+    config: StudyConfig,
+    slot: Slot,
+    build: Build,
+    study: optuna.Study,
+    channel: int,
+    since: int | None = None,
 ) -> int:
     """Claim the next trial, train it and tell the study; returns an exit code.
 
@@ -125,28 +134,24 @@ def run_trial(
     disposed of without closing the parent's connections, so this process
     opens its own and keeps the engine's compiled statements. The trial's id
     and number are written to ``channel`` as soon as it exists, so the worker
-    can record its end if this process dies.
+    can record its end if this process dies; until then the owner record the
+    claim wrote lets any later claim tell that it died.
     """
     torch.set_num_threads(slot.threads)
-    with claim_lock(config):
-        trial = claim(study, config)
-        if trial is None:
-            return EXIT_NO_TRIAL
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("slot", slot.index)
-        trial.set_user_attr("device", slot.device)
-    os.write(channel, f"{trial._trial_id} {trial.number}\n".encode())
+    try:
+        with claim_lock(config):
+            attrs = {"slot": slot.index, "device": slot.device}
+            trial = claim(study, config, Owner.me(), attrs, since)
+    except SamplerFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SAMPLER
+    if trial is None:
+        return EXIT_NO_TRIAL
+    os.write(channel, f"{trial.number}\n".encode())
     state, value, attrs = _train(config, slot, build, study, trial)
-    for key, attr in attrs.items():
-        trial.set_user_attr(key, attr)
-    if attrs.get("diverged"):
-        # TPE ranks a pruned trial by how far it got: one that diverged late
-        # would rank above one the median pruner stopped early, and one that
-        # diverged before its first validation has no value at all. As an
-        # infeasible trial it ranks below every feasible one, as it should.
-        trial.set_constraint("diverged", 1.0)
-    study.tell(trial, value, state=state)
+    if "error" in attrs:
+        print(f"trial {trial.number} failed:\n{attrs['error']}", file=sys.stderr)
+    tell(study, trial, state, value, attrs)
     return EXIT_TOLD
 
 
@@ -171,7 +176,7 @@ def _train(
         attrs["stop_reason"] = _NEVER_LOGGED.format(metric=config.study.metric)
         return TrialState.FAIL, None, attrs
     if recorder.best_weights is not None:
-        from sweeper.weights import keep
+        from sweeper.run.weights import keep
 
         kept = keep(config, trial.number, recorder.best, recorder.best_weights)
         if kept is not None:
@@ -313,7 +318,7 @@ def _early_stopping(config: StudyConfig) -> EarlyStopping | None:
 
 def _overfitting_view(config: StudyConfig, recorder: TrialRecorder) -> dict[str, Any]:
     """The gap at the best validation, how the trial overfit, its confident errors."""
-    from sweeper.overfitting import gap, overfit
+    from sweeper.run.overfitting import gap, overfit
 
     at_best = next((r for r in recorder.history if r["step"] == recorder.best_step), {})
     view: dict[str, Any] = {}

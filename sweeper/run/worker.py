@@ -21,12 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweeper.config import StudyConfig, load_config
-from sweeper.devices import Slot
 from sweeper.errors import SweeperError
-from sweeper.storage import HEARTBEAT_INTERVAL, backend
-
-EXIT_SYSTEMATIC = 3
-"""The worker stopped because the first trials all failed the same way."""
+from sweeper.run.devices import Slot
+from sweeper.store import HEARTBEAT_INTERVAL
 
 EXIT_BAD_INPUT = 2
 
@@ -38,7 +35,6 @@ class TrialProcess:
     pid: int
     channel: int
     started: float
-    trial_id: int | None = None
     number: int | None = None
 
 
@@ -49,29 +45,27 @@ OTHER_HOSTS_POLL = 5.0
 class Worker:
     """Runs trials of one study on one slot until none is left to claim."""
 
-    def __init__(self, config: StudyConfig, slot: Slot) -> None:
-        from sweeper import study as studies
+    def __init__(self, config: StudyConfig, slot: Slot, since: int | None = None) -> None:
+        from sweeper import store
         from sweeper.tasks import load_task
 
         self.config = config
         self.slot = slot
+        self.since = since
         self.build = load_task(config)
-        import sweeper.trial  # noqa: F401 - warm: torch and Lightning imported once
+        import sweeper.run.trial  # noqa: F401 - warm: torch and Lightning imported once
 
         _quiet()  # after the imports: Lightning sets its loggers' levels on import
-        self.study = studies.load(config)
+        self.study = store.load(config)
         self.stopping = False
+        self.code = 0
 
     def run(self) -> int:
         """Fork trials until the study has ``n_trials``; returns the exit code."""
-        from sweeper.study import systematic_failure
-
         while not self.stopping:
-            if systematic_failure(self.study) is not None:
-                return EXIT_SYSTEMATIC
             if not self._run_one() and not self._await_other_hosts():
                 break
-        return 0
+        return self.code
 
     def _await_other_hosts(self) -> bool:
         """With no place left, wait while trials run on other machines.
@@ -85,7 +79,7 @@ class Worker:
 
         from optuna.trial import TrialState
 
-        from sweeper.study import fail_stale
+        from sweeper.store import fail_stale
 
         def failed() -> int:
             return len(self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
@@ -104,16 +98,18 @@ class Worker:
 
     def _run_one(self) -> bool:
         """Fork and watch one trial; False when there was nothing left to claim."""
-        from sweeper.trial import EXIT_NO_TRIAL
+        from sweeper.run.trial import EXIT_NO_TRIAL, EXIT_SAMPLER
 
         child = self._fork()
         status = self._watch(child)
         os.close(child.channel)
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_NO_TRIAL:
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        if code == EXIT_NO_TRIAL:
             return False
-        if child.trial_id is not None and not (
-            os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        ):
+        if code == EXIT_SAMPLER:  # the trial is failed; the sweep cannot go on
+            self.code = EXIT_BAD_INPUT
+            return False
+        if child.number is not None and code != 0:
             self._record_death(child, status)
         return True
 
@@ -137,14 +133,15 @@ class Worker:
         return TrialProcess(pid=pid, channel=read_end, started=time.monotonic())
 
     def _child(self, channel: int) -> int:
-        from sweeper.trial import run_trial
+        from sweeper.run.trial import run_trial
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _die_with_parent(signal.SIGKILL)
-        # The parent's connections belong to the parent: drop them unclosed.
-        backend(self.study).engine.dispose(close=False)
-        return run_trial(self.config, self.slot, self.build, self.study, channel)
+        from sweeper.store import forget_connections
+
+        forget_connections(self.study)
+        return run_trial(self.config, self.slot, self.build, self.study, channel, self.since)
 
     def _watch(self, child: TrialProcess) -> int:
         """Wait for the child, beating the trial's heartbeat and enforcing the time limit."""
@@ -162,27 +159,29 @@ class Worker:
                     data = os.read(child.channel, 4096)
                     open_channel = bool(data)
                     buffer += data
-                    if b"\n" in buffer and child.trial_id is None:
-                        trial_id, number = buffer.split(b"\n", 1)[0].split()
-                        child.trial_id, child.number = int(trial_id), int(number)
+                    if b"\n" in buffer and child.number is None:
+                        child.number = int(buffer.split(b"\n", 1)[0])
+                        last_beat = time.monotonic()  # the claim wrote the first heartbeat
             else:
                 time.sleep(0.05)
             now = time.monotonic()
-            if child.trial_id is not None and now - last_beat >= HEARTBEAT_INTERVAL:
-                backend(self.study).record_heartbeat(child.trial_id)
+            if child.number is not None and now - last_beat >= HEARTBEAT_INTERVAL:
+                from sweeper.store import heartbeat
+
+                heartbeat(self.study, child.number)
                 last_beat = now
             if self.stopping or (limit is not None and now - child.started > limit):
                 os.kill(child.pid, signal.SIGKILL)
                 _, status = os.waitpid(child.pid, 0)
-                if not self.stopping:
+                if not self.stopping and limit is not None:
                     self._time_out(child, limit)
                 return status
 
     def _record_death(self, child: TrialProcess, status: int) -> None:
-        from sweeper.study import fail_and_retry
+        from sweeper.store import INTERRUPTED, fail_trial
 
         if self.stopping:
-            reason = "interrupted: the sweep was stopped"
+            reason = f"{INTERRUPTED}: the sweep was stopped"
         elif os.WIFSIGNALED(status):
             sig = signal.Signals(os.WTERMSIG(status))
             reason = f"killed by signal {sig.value} ({sig.name})"
@@ -190,21 +189,22 @@ class Worker:
                 reason += "; out of memory is the usual cause"
         else:
             reason = f"the trial process exited with code {os.WEXITSTATUS(status)}"
-        assert child.trial_id is not None
-        trial = self.study._storage.get_trial(child.trial_id)
-        if trial.state.is_finished():
-            return
-        fail_and_retry(self.study, trial, reason)
+        assert child.number is not None
+        fail_trial(self.study, self.config, child.number, reason, retry=True)
 
-    def _time_out(self, child: TrialProcess, limit: float | None) -> None:
-        from optuna.trial import TrialState
+    def _time_out(self, child: TrialProcess, limit: float) -> None:
+        """Fail the trial that ran past its limit (not retried: it would hang again).
 
-        if child.trial_id is None:
-            return
-        storage = self.study._storage
-        storage.set_trial_user_attr(child.trial_id, "stop_reason", f"timed out after {limit:g} s")
-        storage.set_trial_state_values(child.trial_id, state=TrialState.FAIL)
-        child.trial_id = None  # recorded; nothing more to do
+        The trial may have told its outcome just before it was killed; then
+        that outcome stands (failing is idempotent).
+        """
+        from sweeper.store import fail_trial
+
+        if child.number is not None:
+            fail_trial(
+                self.study, self.config, child.number, f"timed out after {limit:g} s", retry=False
+            )
+        child.number = None  # recorded; nothing more to do
 
     def stop(self, *_: object) -> None:
         """Finish now: the running trial is killed, failed and enqueued again."""
@@ -222,7 +222,7 @@ def _die_with_parent(sig: signal.Signals) -> None:
 
 def _quiet() -> None:
     """Silence Lightning's console output; the study records what matters."""
-    from sweeper.trial import quiet_lightning
+    from sweeper.run.trial import quiet_lightning
 
     quiet_lightning()
     warnings.filterwarnings("ignore")
@@ -230,8 +230,8 @@ def _quiet() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sweeper.worker STUDY.toml --slot I [--gpu G] [--threads T] [--n-trials N]
-    [--night YYYY-MM-DD]``."""
+    """``python -m sweeper.run.worker STUDY.toml --slot I [--gpu G] [--threads T] [--n-trials N]
+    [--night YYYY-MM-DD] [--since FIRST_TRIAL_OF_THIS_RUN]``."""
     parser = argparse.ArgumentParser(prog="sweeper-worker")
     parser.add_argument("study_file", type=Path)
     parser.add_argument("--slot", type=int, required=True)
@@ -239,12 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n-trials", type=int, default=None)
     parser.add_argument("--night", type=dt.date.fromisoformat, default=None)
+    parser.add_argument("--since", type=int, default=None)
     args = parser.parse_args(argv)
     _die_with_parent(signal.SIGTERM)
     slot = Slot(index=args.slot, gpu=args.gpu, threads=args.threads)
     try:
         config = load_config(args.study_file, n_trials=args.n_trials)
-        worker = Worker(config if args.night is None else config.for_night(args.night), slot)
+        config = config if args.night is None else config.for_night(args.night)
+        worker = Worker(config, slot, args.since)
     except SweeperError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

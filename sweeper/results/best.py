@@ -15,8 +15,9 @@ from optuna.trial import FrozenTrial, TrialState
 from sweeper import __version__
 from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
-from sweeper.overfitting import describe as describe_overfit
-from sweeper.study import counts, trial_seed
+from sweeper.plugins import trial_seed
+from sweeper.run.overfitting import describe as describe_overfit
+from sweeper.store import counts
 
 PACKAGES = ("optuna", "torch", "lightning", "torchmetrics", "transformers")
 

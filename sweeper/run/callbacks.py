@@ -8,8 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 import optuna
 
-from sweeper.divergence import DivergenceGuard
 from sweeper.errors import TaskError
+from sweeper.run.divergence import DivergenceGuard
 
 
 class TrialStopped(Exception):

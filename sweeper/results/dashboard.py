@@ -16,7 +16,7 @@ import optuna
 
 from sweeper.config import StudyConfig
 from sweeper.errors import SweeperError
-from sweeper.storage import open_storage
+from sweeper.store import open_storage
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
@@ -74,7 +74,7 @@ def publish(config: StudyConfig, study: optuna.Study) -> None:
     """
     import optuna_dashboard
 
-    from sweeper.report import best_curves, learning_curves
+    from sweeper.results.report import best_curves, learning_curves
 
     trials = study.get_trials(deepcopy=False)
     figures = {"sweeper-learning-curves": learning_curves(config, trials)}

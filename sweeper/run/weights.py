@@ -9,11 +9,10 @@ exactly the best k, whatever order they are told to the study in.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from sweeper.atomic import partial_path, write_text
+from sweeper.atomic import replacing, write_text
 from sweeper.config import StudyConfig
 
 
@@ -43,8 +42,8 @@ def keep(config: StudyConfig, number: int, value: float, state: dict[str, Any]) 
         kept = dict(ranked)
         path = folder / f"trial-{number}.pt"
         if number in kept:
-            torch.save(state, partial_path(path))
-            os.replace(partial_path(path), path)
+            with replacing(path, "wb") as file:
+                torch.save(state, file)
         _write(index_file, kept)
         for stale in folder.glob("trial-*.pt"):
             if int(stale.stem.removeprefix("trial-")) not in kept:

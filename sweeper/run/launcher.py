@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from sweeper.devices import Slot
 from sweeper.errors import SweeperError, SweepFailed
-from sweeper.worker import EXIT_BAD_INPUT, EXIT_SYSTEMATIC
+from sweeper.run.devices import Slot
+from sweeper.run.worker import EXIT_BAD_INPUT
 
 STOP_GRACE = 30.0
 """Seconds workers get to record their trials after a stop before they are killed."""
@@ -30,6 +30,7 @@ def worker_command(
     n_trials: int | None,
     environ: Mapping[str, str],
     night: dt.date | None = None,
+    since: int | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The command and environment of the worker for ``slot``.
 
@@ -40,7 +41,7 @@ def worker_command(
     cmd = [
         sys.executable,
         "-m",
-        "sweeper.worker",
+        "sweeper.run.worker",
         str(study_file),
         "--slot",
         str(slot.index),
@@ -53,6 +54,8 @@ def worker_command(
         cmd += ["--n-trials", str(n_trials)]
     if night is not None:
         cmd += ["--night", night.isoformat()]
+    if since is not None:
+        cmd += ["--since", str(since)]
     env = dict(environ)
     if slot.gpu is None:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -77,6 +80,7 @@ class Sweep:
     log_dir: Path
     n_trials: int | None = None
     night: dt.date | None = None
+    since: int | None = None
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     stopping: bool = False
 
@@ -84,7 +88,9 @@ class Sweep:
         """Start one worker per slot, each in its own session, logging to a file."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for slot in self.slots:
-            cmd, env = worker_command(self.study_file, slot, self.n_trials, os.environ, self.night)
+            cmd, env = worker_command(
+                self.study_file, slot, self.n_trials, os.environ, self.night, self.since
+            )
             log: IO[bytes] = open(self.log_path(slot), "ab")  # noqa: SIM115 - child owns it
             self.processes[slot.index] = subprocess.Popen(
                 cmd,
@@ -103,20 +109,19 @@ class Sweep:
         """Wait for every worker, calling ``tick`` between checks.
 
         ``tick`` returns a reason to stop the sweep (trials failing
-        systematically) or None. A worker that fails makes the others stop.
+        systematically or too often) or None. A worker that fails makes the
+        others stop.
         """
         while self.processes:
             reason = tick()
             if reason is not None:
                 self.stop()
-                raise SweepFailed(f"the first trials all failed the same way: {reason}")
+                raise SweepFailed(reason)
             for index, process in list(self.processes.items()):
                 code = process.poll()
                 if code is None:
                     continue
                 del self.processes[index]
-                if code == EXIT_SYSTEMATIC:
-                    continue  # tick reads the reason from the study
                 if code != 0 and not self.stopping:
                     self.stop()
                     log = self.log_path(self.slots[index])
@@ -129,7 +134,7 @@ class Sweep:
             time.sleep(interval)
         reason = tick()
         if reason is not None:
-            raise SweepFailed(f"the first trials all failed the same way: {reason}")
+            raise SweepFailed(reason)
 
     def stop(self) -> None:
         """Ask every worker to stop (they fail and re-enqueue their trials), then wait."""

@@ -26,10 +26,11 @@ from filelock import FileLock, Timeout
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeper import store
 from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
 from sweeper.space import SearchSpace, parse_space
-from sweeper.storage import open_storage, sqlite_path
+from sweeper.sweep import LiveView, Observer
 
 EXIT_REGRESSION = 3
 """Exit code of a night whose best is worse than the night before by more than the tolerance."""
@@ -65,7 +66,7 @@ def run_night(
     live: Callable[[Any], None] | None = None,
 ) -> int:
     """Run or resume one night; exit code 0, EXIT_REGRESSION, or 1 when nothing completed."""
-    from sweeper.start import check, start
+    from sweeper.sweep import check, start
 
     tonight = config.for_night(night)
     lock_path = config.output_dir / "nightly.lock"
@@ -92,17 +93,17 @@ def run_night(
             )
             return 0
         if finished is not None:
-            optuna.delete_study(
-                study_name=tonight.study.name, storage=open_storage(tonight.storage_url)
-            )
+            store.delete(tonight)
             emit(f"--force: night {night} deleted, running it again")
         previous = earlier_night(config, night)
+        observers: list[Observer] = [WarmStart(tonight, previous, emit)]
+        if live is not None:
+            observers.append(LiveView(tonight, live))
         outcome = start(
             tonight,
             emit,
-            live=live,
+            observers=observers,
             earlier=earlier_reports(config, night),
-            before_trials=lambda study: warm_start(tonight, study, previous, emit),
             checked=checked,
         )
         study = outcome.study
@@ -129,17 +130,12 @@ def _try(lock: FileLock) -> bool:
 
 def nights(config: StudyConfig) -> dict[dt.date, str]:
     """The nights of this study in its storage: date to study name."""
-    path = sqlite_path(config.storage_url)
-    if path is not None and not path.exists():
-        return {}
-    storage = open_storage(config.storage_url, writer=False)
     pattern = re.compile(re.escape(config.study.name) + r"@(\d{4}-\d{2}-\d{2})")
     found = {}
-    for name in optuna.get_all_study_names(storage):
+    for name in store.study_names(config.storage_url):
         match = pattern.fullmatch(name)
         if match:
             found[dt.date.fromisoformat(match.group(1))] = name
-    storage.engine.dispose()
     return dict(sorted(found.items()))
 
 
@@ -203,6 +199,18 @@ def _clip(value: float, distribution: BaseDistribution) -> float:
     return type(value)(clipped) if isinstance(value, int) else clipped
 
 
+class WarmStart(Observer):
+    """Enqueues the warm start into tonight's study once it exists, before any trial."""
+
+    def __init__(
+        self, tonight: StudyConfig, previous: EarlierNight | None, emit: Callable[[str], None]
+    ) -> None:
+        self.tonight, self.previous, self.emit = tonight, previous, emit
+
+    def created(self, study: Any) -> None:
+        warm_start(self.tonight, study, self.previous, self.emit)
+
+
 def warm_start(
     tonight: StudyConfig,
     study: optuna.Study,
@@ -243,9 +251,9 @@ def summarize(
     tonight: StudyConfig, study: optuna.Study, previous: EarlierNight | None
 ) -> dict[str, Any]:
     """The night's result against the night before: best, delta, changed params, counts."""
-    from sweeper.best import best_trial
-    from sweeper.report import duration
-    from sweeper.study import counts
+    from sweeper.results.best import best_trial
+    from sweeper.results.report import duration
+    from sweeper.store import counts
 
     best = best_trial(study)
     count = counts(study)
@@ -325,7 +333,7 @@ def history(config: StudyConfig) -> list[dict[str, Any]]:
         study = _load(config, name)
         summary = study.user_attrs.get(SUMMARY_ATTR)
         if summary is None:
-            from sweeper.study import counts
+            from sweeper.store import counts
 
             count = counts(study)
             summary = {
@@ -373,9 +381,7 @@ def earlier_reports(config: StudyConfig, night: dt.date) -> list[tuple[str, str]
 
 
 def _load(config: StudyConfig, name: str) -> optuna.Study:
-    return optuna.load_study(
-        study_name=name, storage=open_storage(config.storage_url, writer=False)
-    )
+    return store.load_named(config, name)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

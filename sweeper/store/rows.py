@@ -20,10 +20,9 @@ import optuna
 import sqlalchemy as sa
 from optuna.distributions import BaseDistribution, json_to_distribution
 from optuna.storages import RDBStorage
-from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial
 
-from sweeper.storage import backend
+from sweeper.store._compat import backend, models, study_id
 
 
 def read_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -32,7 +31,7 @@ def read_trials(study: optuna.Study) -> list[FrozenTrial]:
     if not isinstance(storage, RDBStorage) or not _current_schema(storage):
         return study.get_trials(deepcopy=False)
     with storage.engine.connect() as connection:
-        return _read(connection, study._study_id)
+        return _read(connection, study_id(study))
 
 
 def _current_schema(storage: RDBStorage) -> bool:

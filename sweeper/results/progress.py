@@ -26,6 +26,15 @@ class EventLog:
     _seen: dict[int, TrialState] = field(default_factory=dict)
     _best: float | None = None
 
+    def seen(self, trials: Sequence[FrozenTrial]) -> None:
+        """Take these trials as known: only what changes after them is an event."""
+        for trial in trials:
+            if trial.state != TrialState.WAITING:
+                self._seen[trial.number] = trial.state
+            value = trial.value if trial.state == TrialState.COMPLETE else None
+            if value is not None and (self._best is None or self._improves(value)):
+                self._best = value
+
     def update(self, trials: Sequence[FrozenTrial]) -> None:
         """Emit an event for each trial that started or finished since the last update."""
         for trial in trials:

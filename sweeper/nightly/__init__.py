@@ -1,0 +1,1 @@
+"""Nightly sweeps: one dated study a night, warm-started from the last; their schedules."""

@@ -1,0 +1,1 @@
+"""What only reads a study: best, status, report, dashboard, progress."""

@@ -1,0 +1,1 @@
+"""The core loop across processes: devices, launcher, worker, trial, callbacks, guards."""

@@ -1,0 +1,146 @@
+"""Every private Optuna attribute sweeper relies on, checked once when imported.
+
+Optuna's public API has no way to name a trial's storage id, reach the
+storage under a study's cache, read trials as plain rows, or show its GP
+sampler more trials than the complete ones. Those few accesses live here, and
+this module checks at import that they still exist, so an Optuna release that
+moves them fails with one clear message instead of deep inside a sweep.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.storages import BaseStorage
+from optuna.storages._rdb import models
+from optuna.trial import FrozenTrial
+
+from sweeper.errors import SweeperError
+
+TESTED_MAJOR = 5
+"""The Optuna major version sweeper is tested with (pyproject.toml pins it)."""
+
+__all__ = [
+    "TESTED_MAJOR",
+    "backend",
+    "gp_sampler_seeing",
+    "models",
+    "storage_of",
+    "study_id",
+    "trial_id",
+]
+
+
+class OptunaMismatch(SweeperError):
+    """The installed Optuna lacks something sweeper relies on."""
+
+    exit_code = 2
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    """The storage id of a trial (not its number)."""
+    return int(trial._trial_id)
+
+
+def study_id(study: optuna.Study) -> int:
+    return int(study._study_id)
+
+
+def storage_of(study: optuna.Study) -> BaseStorage:
+    """The storage a study writes through (Optuna's cache layer over the RDB storage)."""
+    storage: BaseStorage = study._storage
+    return storage
+
+
+def backend(study: optuna.Study) -> Any:
+    """The storage under the study's cache layer: an RDBStorage for every URL sweeper opens."""
+    storage = storage_of(study)
+    return getattr(storage, "_backend", storage)
+
+
+Transform = Callable[
+    [optuna.Study, list[FrozenTrial], dict[str, BaseDistribution]], list[FrozenTrial]
+]
+
+
+def gp_sampler_seeing(transform: Transform) -> type[optuna.samplers.GPSampler]:
+    """A GPSampler subclass whose model is fitted on ``transform(study, completed, space)``."""
+
+    class Sampler(optuna.samplers.GPSampler):
+        def _sample_relative_impl(
+            self,
+            study: optuna.Study,
+            completed_trials: list[FrozenTrial],
+            running_trials: list[FrozenTrial],
+            search_space: dict[str, BaseDistribution],
+        ) -> dict[str, Any]:
+            seen = transform(study, completed_trials, search_space)
+            return super()._sample_relative_impl(study, seen, running_trials, search_space)
+
+    return Sampler
+
+
+def _check() -> None:
+    """Fail at import, with the way out, when this Optuna lacks what sweeper relies on."""
+    problems = []
+    major = int(optuna.__version__.split(".")[0])
+    if major != TESTED_MAJOR:
+        problems.append(f"Optuna {optuna.__version__} is installed, sweeper is tested with 5.x")
+    impl = getattr(optuna.samplers.GPSampler, "_sample_relative_impl", None)
+    if impl is None or list(inspect.signature(impl).parameters) != [
+        "self",
+        "study",
+        "completed_trials",
+        "running_trials",
+        "search_space",
+    ]:
+        problems.append("GPSampler._sample_relative_impl changed")
+    expected: dict[Any, set[str]] = {
+        models.TrialModel: {"trial_id", "number", "study_id", "state"},
+        models.TrialParamModel: {"trial_id", "param_name", "param_value", "distribution_json"},
+        models.TrialValueModel: {"trial_id", "objective", "value", "value_type"},
+        models.TrialIntermediateValueModel: {
+            "trial_id",
+            "step",
+            "intermediate_value",
+            "intermediate_value_type",
+        },
+        models.TrialUserAttributeModel: {"trial_id", "key", "value_json"},
+        models.TrialSystemAttributeModel: {"trial_id", "key", "value_json"},
+    }
+    for model, columns in expected.items():
+        missing = columns - set(model.__table__.columns.keys())
+        if missing:
+            problems.append(f"{model.__name__} lacks {', '.join(sorted(missing))}")
+    for model, name in (
+        (models.TrialValueModel, "stored_repr_to_value"),
+        (models.TrialIntermediateValueModel, "stored_repr_to_intermediate_value"),
+    ):
+        if not callable(getattr(model, name, None)):
+            problems.append(f"{model.__name__}.{name} is gone")
+    logger = logging.getLogger("optuna")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # "A new study created in memory" is not news
+    try:
+        study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+        trial = study.ask()
+    finally:
+        logger.setLevel(level)
+    for owner, name in ((trial, "_trial_id"), (study, "_study_id"), (study, "_storage")):
+        if not hasattr(owner, name):
+            problems.append(f"{type(owner).__name__}.{name} is gone")
+    if problems:
+        raise OptunaMismatch(
+            "this Optuna does not fit sweeper: "
+            + "; ".join(problems)
+            + f"; install a tested one with `pip install 'optuna>={TESTED_MAJOR}.0,"
+            f"<{TESTED_MAJOR + 1}'`"
+        )
+
+
+_check()

@@ -1,0 +1,242 @@
+"""Claiming trials: the study's claim lock, and an owner record written in the claim itself.
+
+Every RUNNING trial of a study is made under its claim lock, and its owner
+(host, pid, process start time) and first heartbeat are written before the
+lock is released. So a RUNNING trial seen without an owner while holding the
+lock was left by a process that died inside its claim, and a trial whose owner
+on this host is gone (or whose pid now belongs to a newer process) is an
+orphan. Both are failed and enqueued again by the next claim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+from filelock import FileLock, Timeout
+
+from sweeper.config import StudyConfig
+from sweeper.errors import StorageError, SweeperError
+from sweeper.space import parse_space
+from sweeper.store._compat import backend, trial_id
+from sweeper.store.open import is_server, mask_url, sqlite_path
+
+LOCK_WAIT = float(os.environ.get("SWEEPER_LOCK_WAIT", "600"))
+"""Seconds a claim waits for the study's claim lock before giving up with a message."""
+
+OWNER_ATTRS = ("host", "pid", "pid_start")
+
+
+class SamplerFailed(SweeperError):
+    """The sampler raised while asking for a trial: its options or the study are wrong."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process that runs a trial: host, pid, and when that pid's process started."""
+
+    host: str
+    pid: int
+    start: int | None
+
+    @classmethod
+    def me(cls) -> Owner:
+        pid = os.getpid()
+        return cls(socket.gethostname(), pid, process_start(pid))
+
+    @classmethod
+    def of(cls, attrs: dict[str, Any]) -> Owner | None:
+        """The owner recorded on a trial, or None when it has none."""
+        host, pid = attrs.get("host"), attrs.get("pid")
+        if not isinstance(host, str) or not isinstance(pid, int):
+            return None
+        start = attrs.get("pid_start")
+        return cls(host, pid, start if isinstance(start, int) else None)
+
+    def alive(self) -> bool:
+        """Whether this process still runs (only answerable on its own host)."""
+        if not process_alive(self.pid):
+            return False
+        return self.start is None or process_start(self.pid) in (None, self.start)
+
+
+def process_start(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot (Linux), else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claim_lock(config: StudyConfig) -> Iterator[None]:
+    """Serialize claiming and failing trials among every process of one study.
+
+    SQLite: a file lock beside the database (one machine). PostgreSQL and
+    MySQL/MariaDB: a lock held by a database session, so workers on every
+    machine that joins the study take turns; the server drops it if the
+    holder dies. A claim waits at most ``LOCK_WAIT`` seconds.
+    """
+    url = config.storage_url
+    path = sqlite_path(url)
+    if path is not None:
+        lock_file = f"{path}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(lock_file, timeout=LOCK_WAIT)
+            with lock:
+                yield
+        except Timeout:
+            raise StorageError(
+                f"could not take the claim lock {lock_file} in {LOCK_WAIT:g} s; another "
+                "process holds it"
+            ) from None
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create the claim lock {lock_file}: {exc.strerror or exc}"
+            ) from exc
+    elif is_server(url):
+        with _server_lock(url, config.study.name):
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def _server_lock(url: str, name: str) -> Iterator[None]:
+    """A lock held by a database session: PostgreSQL advisory lock, MySQL/MariaDB GET_LOCK."""
+    digest = hashlib.sha256(f"sweeper:{name}".encode()).digest()
+    mysql = url.startswith(("mysql", "mariadb"))
+    setup: str | None = None
+    if mysql:
+        lock = f"SELECT GET_LOCK(:key, {int(LOCK_WAIT)}) = 1"
+        unlock = "SELECT RELEASE_LOCK(:key)"
+        key: int | str = f"sweeper:{digest.hex()[:40]}"  # lock names: 64 characters at most
+    else:
+        setup = f"SET lock_timeout = {int(LOCK_WAIT * 1000)}"
+        lock = "SELECT pg_advisory_lock(:key) IS NULL"
+        unlock = "SELECT pg_advisory_unlock(:key)"
+        key = int.from_bytes(digest[:8], signed=True)
+    try:
+        connection = _lock_engine(url).connect()
+    except sa.exc.SQLAlchemyError as exc:
+        raise StorageError(
+            f"cannot reach the study storage {mask_url(url)}: {_first_line(exc)}"
+        ) from exc
+    with connection:
+        try:
+            if setup is not None:
+                connection.execute(sa.text(setup))
+            got = bool(connection.execute(sa.text(lock), {"key": key}).scalar())
+        except sa.exc.OperationalError as exc:
+            if "lock timeout" not in str(exc):
+                raise StorageError(
+                    f"lost the study storage {mask_url(url)}: {_first_line(exc)}"
+                ) from exc
+            got = False
+        if not got:
+            raise StorageError(
+                f"could not take the claim lock of study {name!r} in {LOCK_WAIT:g} s"
+            )
+        try:
+            yield
+        finally:
+            with contextlib.suppress(sa.exc.SQLAlchemyError):  # a lost session drops it anyway
+                connection.execute(sa.text(unlock), {"key": key})
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+_ENGINES: dict[tuple[int, str], Any] = {}
+
+
+def _lock_engine(url: str) -> Any:
+    """One engine per process and URL (a forked trial makes its own connections)."""
+    found = _ENGINES.get((os.getpid(), url))
+    if found is None:
+        found = _ENGINES[(os.getpid(), url)] = sa.create_engine(
+            url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT"
+        )
+    return found
+
+
+def claim(
+    study: optuna.Study,
+    config: StudyConfig,
+    owner: Owner,
+    attrs: dict[str, Any],
+    since: int | None = None,
+) -> optuna.Trial | None:
+    """Start the next trial owned by ``owner``; None when ``n_trials`` are finished or under way.
+
+    Call under :func:`claim_lock`. Orphans are failed and enqueued again
+    first; waiting trials (retries, enqueued configurations) go first. With
+    ``since`` (the first trial number of this run) no trial is started once
+    this run's trials fail systematically or ``[study] max_failures`` times. The
+    owner record, ``attrs`` and a first heartbeat are written before the
+    lock is released. When the sampler raises, the trial it left is failed
+    and :class:`SamplerFailed` says why.
+    """
+    from sweeper.plugins import sampler_for, trial_seed
+    from sweeper.store.outcomes import Snapshot, fail_orphans
+
+    fail_orphans(study, owner.host)
+    trials = study.get_trials(deepcopy=False)
+    now = Snapshot(trials, config.study.n_trials, since or 0)
+    if now.finished + now.counts["running"] >= config.study.n_trials:
+        return None
+    if since is not None and (
+        now.systematic() is not None or len(now.failures()) >= config.study.max_failures
+    ):
+        return None
+    # Each trial gets a sampler seeded from the study seed and its number: the
+    # same seed in every worker would make parallel workers suggest alike.
+    study.sampler = sampler_for(config, trial_seed(config.study.seed, len(trials)))
+    space = parse_space(config.search, config.path)
+    try:
+        with warnings.catch_warnings():
+            # Heartbeats are recorded by the worker, which Optuna cannot see from here.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = study.ask(space.distributions)
+    except Exception as exc:
+        reason = f"error: the sampler failed: {type(exc).__name__}: {exc}"
+        fail_orphans(study, owner.host, ownerless_reason=reason)
+        raise SamplerFailed(
+            f"{config.path}: sampler: asking {config.sampler.name} for a trial failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    for key, value in {
+        "host": owner.host,
+        "pid": owner.pid,
+        "pid_start": owner.start,
+        **attrs,
+    }.items():
+        trial.set_user_attr(key, value)
+    backend(study).record_heartbeat(trial_id(trial))
+    return trial

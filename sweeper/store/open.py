@@ -1,0 +1,151 @@
+"""Storage URLs to Optuna storages: SQLite tuned for many writers, read-only readers, masking."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from sweeper.errors import StorageError
+
+HEARTBEAT_INTERVAL = 20
+"""Seconds between heartbeats of a running trial."""
+
+GRACE_PERIOD = int(os.environ.get("SWEEPER_HEARTBEAT_GRACE", "120"))
+"""Seconds without a heartbeat after which a trial of a lost machine is failed."""
+
+SQLITE_BUSY_TIMEOUT = 120.0
+"""Seconds a SQLite writer waits for the lock before giving up."""
+
+SERVER_SCHEMES = ("postgresql", "postgres", "mysql", "mariadb")
+
+
+def parse_url(url: str) -> URL:
+    """The storage URL parsed by SQLAlchemy; a clear error when it is not one."""
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise StorageError(f"not a storage URL: {mask_url(url)} ({exc})") from None
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL, else None (also for in-memory SQLite)."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def is_server(url: str) -> bool:
+    """Whether the URL names a database server (PostgreSQL, MySQL, MariaDB)."""
+    return url.split(":", 1)[0].split("+", 1)[0] in SERVER_SCHEMES
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password (user part or query) replaced by ``***``."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        masked = re.sub(r"(://[^/@]*?:)[^@/]*@", r"\1***@", url)
+    else:
+        if parsed.password is not None:
+            parsed = parsed.set(password="***")
+        masked = parsed.render_as_string(hide_password=False)
+    return re.sub(r"(?i)([?&](?:password|passwd|pwd)=)[^&]*", r"\1***", masked)
+
+
+def retry_once() -> RetryHeartbeatStaleTrialCallback:
+    """Optuna's own retry callback: enqueue a failed trial's params again, once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=1)
+
+
+def open_storage(
+    url: str, *, create: bool = False, writer: bool = True, read_only: bool = False
+) -> RDBStorage:
+    """Open the study storage; with ``create`` a missing SQLite file is made.
+
+    SQLite runs in WAL mode with a busy timeout, and a writer's transactions
+    take the write lock up front (``BEGIN IMMEDIATE``): a deferred transaction
+    that upgrades from reading to writing fails at once with "database is
+    locked" when another writer got in first, whatever the timeout. A reader
+    (``writer=False``, the dashboard) keeps deferred transactions; a
+    ``read_only`` one (status, best, report) opens the file read-only, so it
+    can neither write nor take the write lock.
+
+    The schema is checked on every open: a storage made by an older Optuna is
+    a clear error naming the command that upgrades it.
+    """
+    parsed = parse_url(url)
+    path = sqlite_path(url)
+    engine_kwargs: dict[str, Any] = {}
+    if path is not None:
+        if not path.exists() and not create:
+            raise StorageError(f"no study storage at {path}; run `sweeper start` first")
+        if create:
+            _prepare_sqlite(path)
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT, "isolation_level": None}
+        if read_only:
+            url = f"sqlite:///file:{path}?mode=ro&uri=true"
+            writer = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                skip_table_creation=not create,
+                heartbeat_interval=HEARTBEAT_INTERVAL,
+                grace_period=GRACE_PERIOD,
+                heartbeat_stale_trial_callback=retry_once(),
+            )
+    except RuntimeError as exc:
+        if "optuna storage upgrade" in str(exc):
+            raise StorageError(
+                f"the study storage {mask_url(str(parsed))} was made by an older Optuna; "
+                f"upgrade it with `optuna storage upgrade --storage '{mask_url(str(parsed))}'` "
+                "(back it up first), then run again"
+            ) from exc
+        raise StorageError(f"cannot open study storage {mask_url(url)}: {exc}") from exc
+    except Exception as exc:  # SQLAlchemy and driver errors vary by backend
+        raise StorageError(f"cannot open study storage {mask_url(url)}: {exc}") from exc
+    if path is not None and writer:
+        event.listen(storage.engine, "begin", _begin_immediate)
+    return storage
+
+
+def _prepare_sqlite(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+        connection.close()
+    except (sqlite3.Error, OSError) as exc:
+        raise StorageError(f"cannot create SQLite storage {path}: {exc}") from exc
+
+
+def _begin_immediate(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def forget_connections(study: optuna.Study) -> None:
+    """In a forked process: drop the parent's pooled connections without closing them.
+
+    The parent still uses them; this process opens its own on first use.
+    """
+    from sweeper.store._compat import backend
+
+    backend(study).engine.dispose(close=False)

@@ -1,0 +1,230 @@
+"""How trials end: telling a result, failing (and retrying) idempotently, orphans, counts.
+
+"Finished", "diverged", "interrupted" and the counts are defined here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper.config import StudyConfig
+from sweeper.store._compat import backend, storage_of, study_id, trial_id
+from sweeper.store.claims import Owner, claim_lock
+from sweeper.store.open import retry_once
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+"""The states that count toward ``n_trials``."""
+
+INTERRUPTED = "interrupted"
+"""Stop reasons of trials ended from outside (stopped sweep, lost process) start with this."""
+
+SYSTEMATIC_AFTER = 3
+"""This many task errors in a row, the same each time, at the start of a run stop it."""
+
+
+def is_finished(trial: FrozenTrial) -> bool:
+    return trial.state in FINISHED
+
+
+def is_diverged(trial: FrozenTrial) -> bool:
+    return bool(trial.user_attrs.get("diverged"))
+
+
+def is_task_error(trial: FrozenTrial) -> bool:
+    """A FAIL raised by the task's own code (not a kill, timeout or stopped sweep)."""
+    reason = str(trial.user_attrs.get("stop_reason", ""))
+    return trial.state == TrialState.FAIL and reason.startswith("error:")
+
+
+def tell(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    state: TrialState,
+    value: float | None,
+    attrs: dict[str, Any],
+) -> bool:
+    """Record how a trial ended, with its attributes; False when it was already finished.
+
+    A trial can be failed from outside while it runs (its time limit, a lost
+    heartbeat): then the outcome recorded first stands.
+    """
+    try:
+        for key, attr in attrs.items():
+            trial.set_user_attr(key, attr)
+        if attrs.get("diverged"):
+            # TPE ranks a pruned trial by how far it got: one that diverged late
+            # would rank above one the median pruner stopped early, and one that
+            # diverged before its first validation has no value at all. As an
+            # infeasible trial it ranks below every feasible one, as it should.
+            trial.set_constraint("diverged", 1.0)
+        told = study.tell(trial, value, state=state, skip_if_finished=True)
+    except UpdateFinishedTrialError:
+        return False
+    return told.state == state and told.user_attrs.get("stop_reason") == attrs.get("stop_reason")
+
+
+def fail_trial(
+    study: optuna.Study, config: StudyConfig, number: int, reason: str, *, retry: bool
+) -> bool:
+    """Fail a RUNNING trial with ``reason`` and, with ``retry``, enqueue its params once.
+
+    Idempotent: timeout, death and orphan paths may race to fail the same
+    trial; the first wins and a finished trial is left as it is. False when
+    the trial had already finished.
+    """
+    with claim_lock(config):
+        storage = storage_of(study)
+        found = storage.get_trial_id_from_study_id_trial_number(study_id(study), number)
+        return _fail(study, found, reason, retry=retry)
+
+
+def _fail(study: optuna.Study, found: int, reason: str, *, retry: bool) -> bool:
+    """Fail trial ``found`` (a storage id) under the claim lock; see :func:`fail_trial`."""
+    storage = storage_of(study)
+    try:
+        storage.set_trial_user_attr(found, "stop_reason", reason)
+        told = study.tell(
+            storage.get_trial(found).number, state=TrialState.FAIL, skip_if_finished=True
+        )
+    except UpdateFinishedTrialError:
+        return False
+    if told.state != TrialState.FAIL or told.user_attrs.get("stop_reason") != reason:
+        return False
+    if retry:
+        retry_once()(study, told)
+    return True
+
+
+def fail_orphans(study: optuna.Study, host: str, ownerless_reason: str | None = None) -> list[int]:
+    """Fail and retry the RUNNING trials whose process is gone; call under the claim lock.
+
+    A trial without an owner was left by a process that died inside its claim
+    (or, with ``ownerless_reason``, by a sampler that raised: failed, not
+    retried). A trial owned on this host by a process that ended is an
+    orphan. A trial of another host is left to its heartbeat.
+    """
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = Owner.of(trial.user_attrs)
+        if owner is None:
+            reason = ownerless_reason or f"{INTERRUPTED}: its process died while claiming it"
+            retry = ownerless_reason is None
+        elif owner.host == host and not owner.alive():
+            reason, retry = f"{INTERRUPTED}: its process ended before the trial did", True
+        else:
+            continue
+        if _fail(study, trial_id(trial), reason, retry=retry):
+            recovered.append(trial.number)
+    fail_stale(study)
+    return recovered
+
+
+def recover(study: optuna.Study, config: StudyConfig) -> list[int]:
+    """Fail and retry every orphan this machine can tell apart; the numbers recovered."""
+    import socket
+
+    with claim_lock(config):
+        return fail_orphans(study, socket.gethostname())
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail (and enqueue again, once) the trials whose heartbeat has been silent too long."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def heartbeat(study: optuna.Study, number: int) -> None:
+    """Record that trial ``number`` is alive."""
+    with contextlib.suppress(UpdateFinishedTrialError):
+        storage = storage_of(study)
+        found = storage.get_trial_id_from_study_id_trial_number(study_id(study), number)
+        backend(study).record_heartbeat(found)
+
+
+@dataclass
+class Snapshot:
+    """One read of a study's trials, and what sweeper counts in it.
+
+    ``since`` is the first trial number of this run: failures are judged
+    among this run's trials only, so a study is never poisoned by the
+    failures of an earlier run.
+    """
+
+    trials: list[FrozenTrial]
+    n_trials: int
+    since: int = 0
+    counts: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.counts = {state.name.lower(): 0 for state in TrialState}
+        for trial in self.trials:
+            self.counts[trial.state.name.lower()] += 1
+
+    @property
+    def finished(self) -> int:
+        return self.counts["complete"] + self.counts["pruned"]
+
+    @property
+    def diverged(self) -> int:
+        return sum(is_diverged(t) for t in self.trials)
+
+    @property
+    def this_run(self) -> list[FrozenTrial]:
+        return [t for t in self.trials if t.number >= self.since]
+
+    def failures(self) -> list[FrozenTrial]:
+        """This run's failed trials, but for those ended by stopping the sweep."""
+        return [
+            t
+            for t in self.this_run
+            if t.state == TrialState.FAIL
+            and not str(t.user_attrs.get("stop_reason", "")).startswith(
+                f"{INTERRUPTED}: the sweep was stopped"
+            )
+        ]
+
+    def systematic(self) -> FrozenTrial | None:
+        """The last of this run's first trials when they all failed the same way in the task.
+
+        Trials ended from outside (killed, timed out, interrupted) do not
+        count: they say nothing of the task.
+        """
+        judged = [
+            t
+            for t in self.this_run
+            if t.state in FINISHED or (t.state == TrialState.FAIL and is_task_error(t))
+        ][:SYSTEMATIC_AFTER]
+        if len(judged) < SYSTEMATIC_AFTER or not all(is_task_error(t) for t in judged):
+            return None
+        reasons = {str(t.user_attrs.get("stop_reason")) for t in judged}
+        return judged[-1] if len(reasons) == 1 else None
+
+    def missing(self) -> str | None:
+        """What is missing when fewer than ``n_trials`` are finished, else None."""
+        if self.finished >= self.n_trials:
+            return None
+        c = self.counts
+        return (
+            f"{self.finished} of {self.n_trials} trials finished ({c['fail']} failed, "
+            f"{c['running']} running, {c['waiting']} waiting)"
+        )
+
+
+def snapshot(study: optuna.Study, n_trials: int, since: int = 0) -> Snapshot:
+    """The study's trials as they are now (read fast, as plain rows)."""
+    from sweeper.store.rows import read_trials
+
+    return Snapshot(read_trials(study), n_trials, since)
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    """Trials per state, in lower case: complete, pruned, fail, running, waiting."""
+    return Snapshot(study.get_trials(deepcopy=False), 0).counts

@@ -1,0 +1,166 @@
+"""Claiming, retrying and recovering trials on a real SQLite study."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+
+import optuna
+from optuna.trial import TrialState
+
+from sweeper.config import parse_config
+from sweeper.plugins import trial_seed
+from sweeper.store import Owner, Snapshot, claim, create_or_resume, fail_trial, recover
+from tests.conftest import StudyDir, study
+
+
+def make(study_dir: StudyDir, **sections):
+    path = study_dir.write(study(**sections))
+    import tomllib
+
+    return parse_config(tomllib.loads(path.read_text()), path)
+
+
+def take(created: optuna.Study, config, owner: Owner | None = None):
+    return claim(created, config, owner or Owner.me(), {})
+
+
+def test_claim_stops_at_n_trials_counting_running_ones(study_dir: StudyDir) -> None:
+    config = make(study_dir, study={"n_trials": 3})
+    created = create_or_resume(config)
+    first, second, third = (take(created, config) for _ in range(3))
+    assert take(created, config) is None, "three trials under way fill a study of three"
+    created.tell(first, 0.5)
+    created.tell(second, state=TrialState.FAIL)
+    replacement = take(created, config)
+    assert replacement is not None and replacement.number == 3
+    assert take(created, config) is None
+    assert third is not None
+
+
+def test_a_claim_writes_its_owner_and_a_first_heartbeat(study_dir: StudyDir) -> None:
+    config = make(study_dir)
+    created = create_or_resume(config)
+    trial = take(created, config)
+    stored = created.trials[trial.number]
+    assert stored.user_attrs["host"] == socket.gethostname()
+    assert stored.user_attrs["pid"] == os.getpid()
+    assert stored.user_attrs["pid_start"] == Owner.me().start is not None
+    with sqlite3.connect(study_dir.db) as db:
+        beats = db.execute("SELECT COUNT(*) FROM trial_heartbeats").fetchone()[0]
+    assert beats == 1
+
+
+def test_failed_trial_is_retried_once_with_its_params(study_dir: StudyDir) -> None:
+    config = make(study_dir, study={"n_trials": 5})
+    created = create_or_resume(config)
+    trial = take(created, config)
+    assert fail_trial(created, config, trial.number, "killed by signal 9 (SIGKILL)", retry=True)
+    retry = take(created, config)
+    assert retry.params == trial.params
+    assert created.trials[trial.number].user_attrs["stop_reason"] == "killed by signal 9 (SIGKILL)"
+    fail_trial(created, config, retry.number, "killed again", retry=True)
+    fresh = take(created, config)
+    stored = created.trials[fresh.number]
+    assert stored.system_attrs.get("failed_trial") is None, "a retry is not retried again"
+
+
+def test_failing_is_idempotent_and_never_touches_a_finished_trial(study_dir: StudyDir) -> None:
+    """The timeout race: the trial told its outcome just before the time limit fired."""
+    config = make(study_dir, study={"n_trials": 5})
+    created = create_or_resume(config)
+    done, running = take(created, config), take(created, config)
+    created.tell(done, 0.75)
+    assert not fail_trial(created, config, done.number, "timed out after 5 s", retry=False)
+    finished = created.trials[done.number]
+    assert finished.state == TrialState.COMPLETE and finished.value == 0.75
+    assert "stop_reason" not in finished.user_attrs
+    assert fail_trial(created, config, running.number, "killed", retry=True)
+    assert not fail_trial(created, config, running.number, "killed", retry=True)
+    waiting = created.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1, "failing twice enqueues one retry"
+
+
+def test_orphans_are_recovered_whatever_moment_their_process_died(study_dir: StudyDir) -> None:
+    config = make(study_dir, study={"n_trials": 10})
+    created = create_or_resume(config)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    me = Owner.me()
+    orphan, alive, reused, elsewhere = (take(created, config) for _ in range(4))
+    for trial, host, pid, start in (
+        (orphan, me.host, int(dead.stdout), None),
+        (reused, me.host, me.pid, (me.start or 0) + 1),  # the pid now runs another process
+        (elsewhere, "another-host", int(dead.stdout), None),
+    ):
+        trial.set_user_attr("host", host)
+        trial.set_user_attr("pid", pid)
+        trial.set_user_attr("pid_start", start)
+    ownerless = created.ask()  # its process died inside the claim, before the owner record
+    recovered = recover(created, config)
+    assert sorted(recovered) == sorted([orphan.number, reused.number, ownerless.number])
+    states = {t.number: t.state for t in created.get_trials()}
+    assert states[alive.number] == states[elsewhere.number] == TrialState.RUNNING
+    assert states[orphan.number] == states[reused.number] == TrialState.FAIL
+    reasons = {t.number: t.user_attrs.get("stop_reason") for t in created.get_trials()}
+    assert reasons[ownerless.number] == "interrupted: its process died while claiming it"
+    assert reasons[orphan.number] == "interrupted: its process ended before the trial did"
+    assert len(created.get_trials(states=(TrialState.WAITING,))) == 3
+
+
+def _trials(*specs: tuple[TrialState, str]) -> list:
+    return [
+        optuna.trial.create_trial(
+            state=state,
+            value=1.0 if state == TrialState.COMPLETE else None,
+            user_attrs={"stop_reason": reason},
+        )
+        for state, reason in specs
+    ]
+
+
+def _numbered(trials: list) -> list:
+    for number, trial in enumerate(trials):
+        trial.number = number
+    return trials
+
+
+def test_systematic_failure_needs_the_first_three_of_this_run_to_fail_alike() -> None:
+    fail = (TrialState.FAIL, "error: OOM")
+    ok = (TrialState.COMPLETE, "completed")
+    assert Snapshot(_numbered(_trials(fail, fail)), 10).systematic() is None
+    assert Snapshot(_numbered(_trials(fail, fail, fail)), 10).systematic() is not None
+    assert Snapshot(_numbered(_trials(fail, ok, fail)), 10).systematic() is None
+    earlier = _numbered(_trials(fail, fail, fail, ok, fail, fail))
+    assert Snapshot(earlier, 10, since=3).systematic() is None, "an earlier run's failures"
+    killed = (TrialState.FAIL, "killed by signal 9 (SIGKILL); out of memory is the usual cause")
+    interrupted = (TrialState.FAIL, "interrupted: the sweep was stopped")
+    timed_out = (TrialState.FAIL, "timed out after 5 s")
+    outside = _numbered(_trials(interrupted, killed, timed_out, fail, ok))
+    assert Snapshot(outside, 10).systematic() is None, "failures from outside say nothing"
+
+
+def test_failures_of_this_run_leave_out_a_stopped_sweep() -> None:
+    trials = _numbered(
+        _trials(
+            (TrialState.FAIL, "error: disk full"),
+            (TrialState.FAIL, "error: disk full"),
+            (TrialState.FAIL, "interrupted: the sweep was stopped"),
+            (TrialState.FAIL, "killed by signal 9 (SIGKILL)"),
+        )
+    )
+    assert [t.number for t in Snapshot(trials, 10, since=1).failures()] == [1, 3]
+
+
+def test_trial_seeds_are_reproducible_and_distinct() -> None:
+    seeds = [trial_seed(7, n) for n in range(100)]
+    assert seeds == [trial_seed(7, n) for n in range(100)]
+    assert len(set(seeds)) == 100
+    assert trial_seed(8, 0) != trial_seed(7, 0)
