@@ -9,6 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from sweeper.errors import SweeperError
+
+
+class OutputError(SweeperError):
+    """A file sweeper was asked to write cannot be written there."""
+
+    exit_code = 2
+
 
 @contextlib.contextmanager
 def replacing(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
@@ -18,17 +26,26 @@ def replacing(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     writers of one file (two machines sharing a folder) never collide: the
     last rename wins, whole. On any error the temporary file is removed.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name, e.g. {path / 'report.html'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".partial", dir=path.parent
+        )
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         encoding = None if "b" in mode else "utf-8"
         with open(handle, mode, encoding=encoding) as file:
             yield file
         os.chmod(name, 0o644)
         os.replace(name, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(name)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
 
 
@@ -37,3 +54,19 @@ def write_text(path: Path, text: str) -> Path:
     with replacing(path) as file:
         file.write(text)
     return path
+
+
+def check_writable(folder: Path) -> None:
+    """Fail now, with the reason, when files cannot be written into ``folder``.
+
+    Nothing is left behind: a missing folder is not made, its nearest existing
+    parent is tried instead.
+    """
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    if not existing.is_dir():
+        raise OutputError(f"cannot write into {folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write into {folder}: {exc.strerror or exc}") from exc

@@ -193,12 +193,14 @@ def start(
     ``n_trials`` finished raises :class:`SweepFailed`, saying what is missing.
     """
     from sweeper import store
+    from sweeper.atomic import check_writable
     from sweeper.results.best import summary, write_best_toml
     from sweeper.results.report import write_report
     from sweeper.run.launcher import Sweep
 
     checked = checked or check(config, emit, force)
     slots = checked.slots
+    check_writable(config.output_dir)  # before the study exists: nothing half-made
     study = store.create_or_resume(config)
     watchers = [AuditRecord(checked.findings), EventLines(config, emit), ChartPublisher(config)]
     watchers += list(observers)

@@ -30,8 +30,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_port(host: str, port: int) -> None:
-    """Fail with a clear message when the address is taken or cannot be bound."""
+def check_port(host: str, port: int) -> int:
+    """The port to serve on (a free one for 0); a clear message when it cannot be bound."""
+    if not 0 <= port <= 65535:
+        raise DashboardError(f"--port: a port number from 0 to 65535, got {port}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
@@ -42,6 +44,14 @@ def check_port(host: str, port: int) -> None:
                     f"port {port} on {host} is in use; pick another with --port"
                 ) from None
             raise DashboardError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
+        except (socket.gaierror, OverflowError, UnicodeError) as exc:
+            raise DashboardError(f"--host: cannot serve on {host!r}: {exc}") from None
+        return int(probe.getsockname()[1])
+
+
+def address(host: str, port: int) -> str:
+    """The dashboard's URL; an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 class DashboardError(SweeperError):
@@ -54,14 +64,14 @@ def serve(config: StudyConfig, host: str, port: int, warn: Callable[[str], None]
     """Serve optuna-dashboard until interrupted."""
     import optuna_dashboard
 
+    port = check_port(host, port)
     storage = open_storage(config.storage_url, writer=False)
-    check_port(host, port)
     if not is_loopback(host):
         warn(
             f"warning: serving on {host}, beyond this machine; the dashboard has no "
             "authentication, so anyone who can reach the port can read and change the study"
         )
-    warn(f"dashboard of {config.study.name!r} on http://{host}:{port}/ (Ctrl-C stops it)")
+    warn(f"dashboard of {config.study.name!r} on {address(host, port)} (Ctrl-C stops it)")
     optuna_dashboard.run_server(storage, host=host, port=port)
 
 

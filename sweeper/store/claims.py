@@ -28,7 +28,7 @@ from sweeper.config import StudyConfig
 from sweeper.errors import StorageError, SweeperError
 from sweeper.space import parse_space
 from sweeper.store._compat import backend, trial_id
-from sweeper.store.open import is_server, mask_url, sqlite_path
+from sweeper.store.open import check_sqlite_path, first_line, is_server, mask_url, sqlite_path
 
 LOCK_WAIT = float(os.environ.get("SWEEPER_LOCK_WAIT", "600"))
 """Seconds a claim waits for the study's claim lock before giving up with a message."""
@@ -104,6 +104,7 @@ def claim_lock(config: StudyConfig) -> Iterator[None]:
     path = sqlite_path(url)
     if path is not None:
         lock_file = f"{path}.lock"
+        check_sqlite_path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             lock = FileLock(lock_file, timeout=LOCK_WAIT)
@@ -144,7 +145,7 @@ def _server_lock(url: str, name: str) -> Iterator[None]:
         connection = _lock_engine(url).connect()
     except sa.exc.SQLAlchemyError as exc:
         raise StorageError(
-            f"cannot reach the study storage {mask_url(url)}: {_first_line(exc)}"
+            f"cannot reach the study storage {mask_url(url)}: {first_line(exc)}"
         ) from exc
     with connection:
         try:
@@ -154,7 +155,7 @@ def _server_lock(url: str, name: str) -> Iterator[None]:
         except sa.exc.OperationalError as exc:
             if "lock timeout" not in str(exc):
                 raise StorageError(
-                    f"lost the study storage {mask_url(url)}: {_first_line(exc)}"
+                    f"lost the study storage {mask_url(url)}: {first_line(exc)}"
                 ) from exc
             got = False
         if not got:
@@ -166,11 +167,6 @@ def _server_lock(url: str, name: str) -> Iterator[None]:
         finally:
             with contextlib.suppress(sa.exc.SQLAlchemyError):  # a lost session drops it anyway
                 connection.execute(sa.text(unlock), {"key": key})
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 _ENGINES: dict[tuple[int, str], Any] = {}

@@ -93,6 +93,7 @@ def open_storage(
     path = sqlite_path(url)
     engine_kwargs: dict[str, Any] = {}
     if path is not None:
+        check_sqlite_path(path)
         if not path.exists() and not create:
             raise StorageError(f"no study storage at {path}; run `sweeper start` first")
         if create:
@@ -119,12 +120,31 @@ def open_storage(
                 f"upgrade it with `optuna storage upgrade --storage '{mask_url(str(parsed))}'` "
                 "(back it up first), then run again"
             ) from exc
-        raise StorageError(f"cannot open study storage {mask_url(url)}: {exc}") from exc
+        raise StorageError(
+            f"cannot open study storage {mask_url(url)}: {first_line(exc)}"
+        ) from exc
     except Exception as exc:  # SQLAlchemy and driver errors vary by backend
-        raise StorageError(f"cannot open study storage {mask_url(url)}: {exc}") from exc
+        raise StorageError(
+            f"cannot open study storage {mask_url(url)}: {first_line(exc)}"
+        ) from exc
     if path is not None and writer:
         event.listen(storage.engine, "begin", _begin_immediate)
     return storage
+
+
+def check_sqlite_path(path: Path) -> None:
+    """Refuse a SQLite path that names a folder, or whose folder is a file or missing."""
+    if path.is_dir():
+        raise StorageError(f"the storage {path} is a folder; name a database file in it")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise StorageError(f"cannot keep the storage {path}: {parent} is a file, not a folder")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a database error, without SQLAlchemy's background link."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _prepare_sqlite(path: Path) -> None:
@@ -133,7 +153,9 @@ def _prepare_sqlite(path: Path) -> None:
         with sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT) as connection:
             connection.execute("PRAGMA journal_mode=WAL")
         connection.close()
-    except (sqlite3.Error, OSError) as exc:
+    except OSError as exc:
+        raise StorageError(f"cannot create SQLite storage {path}: {exc.strerror or exc}") from exc
+    except sqlite3.Error as exc:
         raise StorageError(f"cannot create SQLite storage {path}: {exc}") from exc
 
 
