@@ -174,7 +174,7 @@ def dashboard(
     from sweeper.store import load
 
     config = load_config(study_file)
-    load(config)  # a clear error when there is no study yet
+    load(config, read_only=True)  # a clear error when there is no study yet
     serve(config, host, port, lambda line: err.print(line, markup=False))
 
 
