@@ -409,12 +409,11 @@ def schedule_show(
     config = load_config(study_file)
     lines: list[str] = []
     if systemd:
-        for name in schedule.systemd_units(config):
-            path = schedule.unit_dir() / name
-            if path.exists():
-                lines.append(f"{path}:\n{path.read_text()}")
+        paths = [schedule.unit_dir() / name for name in schedule.unit_files(config)]
+        for path in [p for p in paths if p.exists()] + schedule.older_units(config):
+            lines.append(f"{path}:\n{path.read_text()}")
     else:
-        marker = schedule.MARKER + str(config.path)
+        marker = schedule.marker(config)
         lines = schedule.find_block(schedule.Crontab(crontab_file).read(), marker) or []
     for line in lines:
         _say(line)
@@ -443,7 +442,7 @@ def schedule_remove(
         return
     crontab = schedule.Crontab(crontab_file)
     before = crontab.read()
-    after = schedule.remove_crontab(before, schedule.MARKER + str(config.path))
+    after = schedule.remove_crontab(before, schedule.marker(config))
     if after == before:
         _say(f"no schedule installed for {config.path}; nothing changed")
         return

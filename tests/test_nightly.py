@@ -1,28 +1,21 @@
-"""Nightly sweeps end to end (real processes, a real webhook server) and the schedule files."""
+"""Nightly sweeps end to end: real processes, a real webhook server, the night's lock."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import os
-import re
-import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from sweeper.nightly.night import EXIT_REGRESSION, fit_to_space
-from sweeper.nightly.schedule import on_calendar
 from sweeper.space import SearchSpace
 from tests.conftest import StudyDir, run_sweeper, study, sweeper_cmd
 
@@ -215,108 +208,6 @@ def test_fit_to_space_clips_drops_and_skips() -> None:
     assert fitted is None and notes == ["optimizer = 'lion' is no longer a choice: skipped"]
 
 
-CRONTAB = "MAILTO=ops@example.org\n# nightly backups\n30 1 * * * /usr/local/bin/backup --all\n"
-
-
-def test_crontab_install_show_remove_keep_other_lines(study_dir: StudyDir) -> None:
-    path = study_dir.write(study(schedule={"cron": "15 3 * * 1-5"}))
-    crontab = study_dir.root / "crontab"
-    crontab.write_text(CRONTAB)
-    args = ("--crontab-file", str(crontab))
-
-    installed = run_sweeper("schedule", "install", str(path), *args)
-    assert installed.returncode == 0, installed.stderr
-    text = crontab.read_text()
-    assert text.startswith(CRONTAB)
-    marker, entry = text[len(CRONTAB) :].splitlines()
-    assert marker == f"# sweeper nightly: {path}"
-    assert entry.startswith("15 3 * * 1-5 cd ")
-    assert f"{sys.executable} -m sweeper.cli nightly {path}" in entry
-    assert entry.endswith(f">> {study_dir.root / 'tiny' / 'nightly.log'} 2>&1")
-    assert (study_dir.root / "tiny").is_dir(), "the log's folder exists for cron"
-
-    again = run_sweeper("schedule", "install", str(path), *args)
-    assert "nothing changed" in again.stdout and crontab.read_text() == text
-
-    shown = run_sweeper("schedule", "show", str(path), *args)
-    assert shown.returncode == 0 and entry in shown.stdout and "next runs (UTC)" in shown.stdout
-
-    removed = run_sweeper("schedule", "remove", str(path), *args)
-    assert removed.returncode == 0
-    assert crontab.read_bytes() == CRONTAB.encode()
-    shown = run_sweeper("schedule", "show", str(path), *args)
-    assert shown.returncode == 1 and "no schedule installed" in shown.stdout
-
-
-def test_crontab_without_cron_installed_or_configured(study_dir: StudyDir) -> None:
-    path = study_dir.write(study(schedule={"timezone": "UTC"}))
-    result = run_sweeper("schedule", "install", str(path), "--crontab-file", "crontab")
-    assert result.returncode == 2
-    assert f"{path}: schedule.cron: required to install a schedule" in result.stderr
-
-    path = study_dir.write(study(schedule={"cron": "0 2 * * *"}))
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
-    result = subprocess.run(
-        sweeper_cmd("schedule", "install", str(path)), capture_output=True, text=True, env=env
-    )
-    assert result.returncode == 2
-    assert "no `crontab` command on this machine" in result.stderr
-
-
-def test_systemd_units_install_and_remove(study_dir: StudyDir, tmp_path: Path) -> None:
-    path = study_dir.write(study(schedule={"cron": "0 2 * * *", "timezone": "Europe/Paris"}))
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(sweeper_cmd(*args), capture_output=True, text=True, env=env)
-
-    result = run("schedule", "install", str(path), "--systemd", "--no-enable")
-    assert result.returncode == 0, result.stderr
-    units = tmp_path / "config" / "systemd" / "user"
-    timer = (units / "sweeper-nightly-tiny.timer").read_text()
-    service = (units / "sweeper-nightly-tiny.service").read_text()
-    assert "OnCalendar=*-*-* 02:00:00 Europe/Paris" in timer
-    assert f"ExecStart={sys.executable} -m sweeper.cli nightly {path}" in service
-    assert "systemctl --user enable --now sweeper-nightly-tiny.timer" in result.stdout
-    again = run("schedule", "install", str(path), "--systemd", "--no-enable")
-    assert "wrote" not in again.stdout
-    result = run("schedule", "remove", str(path), "--systemd")
-    assert result.returncode == 0 and not list(units.iterdir())
-
-
-@pytest.mark.parametrize(
-    "cron",
-    [
-        "0 2 * * *",
-        "*/15 * * * *",
-        "30 4 1 * *",
-        "0 6 * * 1-5",
-        "0 0 * * sun",
-        "@daily",
-        "5 1,13 * 2 *",
-    ],
-)
-def test_systemd_calendar_fires_when_cron_does(cron: str) -> None:
-    from croniter import croniter
-
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed: the calendar cannot be checked")
-    start = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
-    calendar = on_calendar(cron, "UTC")
-    result = subprocess.run(
-        [analyze, "calendar", "--iterations=3", "--base-time=2026-11-25 12:00:00 UTC", calendar],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TZ": "UTC", "SYSTEMD_COLORS": "0"},
-    )
-    assert result.returncode == 0, result.stderr
-    expected = croniter(cron, start)
-    wanted = [expected.get_next(dt.datetime).strftime("%Y-%m-%d %H:%M:%S") for _ in range(3)]
-    fires = re.findall(r"(?:Next elapse|Iter\. #\d+): \w+ (\S+ \S+) UTC", result.stdout)
-    assert fires == wanted, result.stdout
-
-
 def test_kubernetes_example_runs_the_digits_schedule() -> None:
     import tomllib
 
@@ -383,38 +274,6 @@ def test_an_interrupted_night_resumes_and_force_runs_a_finished_one_again(
     assert "--force: night 2026-11-20 deleted, running it again" in forced.stdout
     again = night_study(study_dir, "2026-11-20").get_trials()
     assert len(again) == 4 and all(t.state == TrialState.COMPLETE for t in again)
-
-
-def test_crontab_install_warns_when_cron_reads_another_time_zone(study_dir: StudyDir) -> None:
-    local = dt.datetime.now().astimezone().utcoffset()
-    zone = next(
-        z
-        for z in ("Asia/Tokyo", "America/New_York")
-        if dt.datetime.now(ZoneInfo(z)).utcoffset() != local
-    )
-    path = study_dir.write(study(schedule={"cron": "0 2 * * *", "timezone": zone}))
-    crontab = study_dir.root / "crontab"
-    result = run_sweeper("schedule", "install", str(path), "--crontab-file", str(crontab))
-    assert result.returncode == 0, result.stderr
-    assert f"cron reads '0 2 * * *' in this machine's time zone, not in {zone}" in result.stderr
-    assert "use --systemd for a timer in" in result.stderr
-
-
-def test_a_cron_expression_systemd_cannot_express_is_refused(
-    study_dir: StudyDir, tmp_path: Path
-) -> None:
-    path = study_dir.write(study(schedule={"cron": "0 2 1 * 1"}))
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
-    result = subprocess.run(
-        sweeper_cmd("schedule", "install", str(path), "--systemd", "--no-enable"),
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert result.returncode == 2
-    assert "cannot express '0 2 1 * 1' as a systemd timer" in result.stderr
-    assert "day of the month OR the weekday" in result.stderr
-    assert not (tmp_path / "config").exists() and study_dir.created() == []
 
 
 def test_bad_data_stops_a_night_before_anything_is_written(study_dir: StudyDir) -> None:

@@ -2,17 +2,24 @@
 
 A crontab entry is two lines, a marker comment naming the study file and the
 entry itself; install, show and remove find it by the marker and leave every
-other line as it was, byte for byte.
+other line as it was, byte for byte. A systemd service and timer are named
+after the study and a hash of the study file's path, so that two study files
+with one study name never share units. Every path written into either is
+refused when a control character in it would end a line early, and escaped
+for the reader it goes to.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import unicodedata
 import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,10 +49,39 @@ class ScheduleError(SweeperError):
 
 
 def cron_expression(config: StudyConfig) -> str:
-    """``[schedule] cron``, which installing requires."""
+    """``[schedule] cron``, which installing requires, as five fields or a nickname on one line."""
     if config.schedule.cron is None:
         raise ConfigError(f"{config.path}: schedule.cron: required to install a schedule")
-    return config.schedule.cron
+    cron = " ".join(config.schedule.cron.split())
+    if cron not in NICKNAMES and len(cron.split()) != 5:
+        raise ConfigError(
+            f"{config.path}: schedule.cron: cron reads five fields (minute hour day month "
+            f"weekday) or a nickname such as @daily, got {config.schedule.cron!r}"
+        )
+    return cron
+
+
+def checked_path(path: Path | str) -> str:
+    """``path`` as text for a crontab or a unit file; refused unless it is one line of text."""
+    text = str(path)
+    for char in text:
+        category = unicodedata.category(char)
+        if category == "Cc":
+            raise ScheduleError(
+                f"{text!r}: holds the control character {char!r}, which would break the line "
+                "it is written on in a crontab or a systemd unit; rename or move it to schedule it"
+            )
+        if category == "Cs":
+            raise ScheduleError(
+                f"{text!r}: is not valid UTF-8, which crontabs and systemd units must be; "
+                "rename or move it to schedule it"
+            )
+    return text
+
+
+def marker(config: StudyConfig) -> str:
+    """The comment that names this study file in a crontab and in its units."""
+    return MARKER + checked_path(config.path)
 
 
 def nightly_command(config: StudyConfig, python: str = sys.executable) -> list[str]:
@@ -67,6 +103,9 @@ def search_path(python: str = sys.executable) -> str:
 
 def crontab_block(config: StudyConfig, python: str = sys.executable) -> list[str]:
     """The marker line and the entry line of this study."""
+    for path in (config.path, log_file(config), python):
+        if "\\%" in checked_path(path):
+            raise ScheduleError(f"{str(path)!r}: cron cannot run a path holding '\\%'")
     command = (
         f"cd {shlex.quote(str(config.folder))} && PATH={shlex.quote(search_path(python))} "
         f"{shlex.join(nightly_command(config, python))} "
@@ -74,7 +113,7 @@ def crontab_block(config: StudyConfig, python: str = sys.executable) -> list[str
     )
     # In a crontab an unescaped % ends the command.
     entry = f"{cron_expression(config)} {command.replace('%', chr(92) + '%')}"
-    return [f"{MARKER}{config.path}", entry]
+    return [marker(config), entry]
 
 
 def install_crontab(text: str, block: list[str], marker: str) -> str:
@@ -176,7 +215,26 @@ def next_runs(config: StudyConfig, count: int = 3) -> list[dt.datetime]:
 
 
 def unit_name(config: StudyConfig) -> str:
-    return f"sweeper-nightly-{config.study.name}"
+    """The study's name and a hash of its file's path: one study file, one pair of units."""
+    digest = hashlib.sha256(os.fsencode(config.path)).hexdigest()[:8]
+    return f"sweeper-nightly-{config.study.name.replace('@', '_')}-{digest}"
+
+
+def unit_files(config: StudyConfig) -> list[str]:
+    """The file names of the service and the timer."""
+    return [f"{unit_name(config)}.service", f"{unit_name(config)}.timer"]
+
+
+def older_units(config: StudyConfig) -> list[Path]:
+    """Units an earlier sweeper named after the study alone, for this same study file."""
+    found = []
+    for suffix in (".service", ".timer"):
+        path = unit_dir() / f"sweeper-nightly-{config.study.name}{suffix}"
+        if path.is_file() and path.read_text(errors="replace").split("\n", 1)[0] == (
+            MARKER + str(config.path)
+        ):
+            found.append(path)
+    return found
 
 
 def unit_dir() -> Path:
@@ -239,21 +297,65 @@ def _weekdays(text: str, cron: str) -> str:
     return ",".join(parts)
 
 
+SYSTEMD_BARE = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
+
+
+def _specifiers(text: str) -> str:
+    """``text`` with systemd's ``%`` specifiers escaped."""
+    return text.replace("%", "%%")
+
+
+def _systemd_path(path: Path) -> str:
+    """A path as the whole value of a setting that takes it as it stands (no quoting)."""
+    text = checked_path(path)
+    if text != text.strip() or text.endswith("\\"):
+        raise ScheduleError(
+            f"{text!r}: systemd cannot take a path that ends in a space or a backslash; "
+            "rename or move it, or use crontab"
+        )
+    return _specifiers(text)
+
+
+def _quoted(text: str) -> str:
+    """One word of ``ExecStart=`` or ``Environment=``, double-quoted unless plain."""
+    if SYSTEMD_BARE.fullmatch(text) is None:
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return _specifiers(text)
+
+
+def exec_start(command: list[str]) -> str:
+    """A command as the value of ``ExecStart=``: quoted, ``%`` and ``$`` escaped.
+
+    The program itself is never expanded for ``$``, and systemd refuses one
+    whose path holds a quote or a backslash.
+    """
+    program, *arguments = (checked_path(word) for word in command)
+    if any(char in program for char in "\\\"'"):
+        raise ScheduleError(
+            f"{program!r}: systemd cannot run a program whose path holds a quote or a "
+            "backslash; use crontab, or a Python installed elsewhere"
+        )
+    words = [_quoted(program)] + [_quoted(word).replace("$", "$$") for word in arguments]
+    return " ".join(words)
+
+
 def systemd_units(config: StudyConfig, python: str = sys.executable) -> dict[str, str]:
     """File name to text of the service and the timer."""
+    head = marker(config)  # names the study file when its path is refused
     name = unit_name(config)
-    log = log_file(config)
+    log = _systemd_path(log_file(config))
+    cron = cron_expression(config)
     service = "\n".join(
         [
-            MARKER + str(config.path),
+            head,
             "[Unit]",
             f"Description=sweeper nightly sweep of {config.study.name}",
             "",
             "[Service]",
             "Type=oneshot",
-            f"WorkingDirectory={config.folder}",
-            f"Environment=PATH={search_path(python)}",
-            f"ExecStart={shlex.join(nightly_command(config, python))}",
+            f"WorkingDirectory={_systemd_path(config.folder)}",
+            f"Environment={_quoted('PATH=' + checked_path(search_path(python)))}",
+            f"ExecStart={exec_start(nightly_command(config, python))}",
             f"StandardOutput=append:{log}",
             f"StandardError=append:{log}",
             "",
@@ -261,12 +363,12 @@ def systemd_units(config: StudyConfig, python: str = sys.executable) -> dict[str
     )
     timer = "\n".join(
         [
-            MARKER + str(config.path),
+            head,
             "[Unit]",
-            f"Description=Run {name}.service on [schedule] cron = {cron_expression(config)}",
+            f"Description=Run {name}.service on [schedule] cron = {_specifiers(cron)}",
             "",
             "[Timer]",
-            f"OnCalendar={on_calendar(cron_expression(config), config.schedule.timezone)}",
+            f"OnCalendar={on_calendar(cron, config.schedule.timezone)}",
             "Persistent=true",
             "",
             "[Install]",
@@ -278,7 +380,11 @@ def systemd_units(config: StudyConfig, python: str = sys.executable) -> dict[str
 
 
 def install_systemd(config: StudyConfig, enable: bool, emit: Callable[[str], None]) -> list[Path]:
-    """Write the units (unchanged files are left alone) and enable the timer if asked."""
+    """Write the units (unchanged files are left alone) and enable the timer if asked.
+
+    Units an earlier sweeper named after the study alone, for this study file,
+    are disabled and removed: the new ones replace them.
+    """
     units = systemd_units(config)  # refuses what systemd cannot express, before writing
     folder = unit_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -289,6 +395,7 @@ def install_systemd(config: StudyConfig, enable: bool, emit: Callable[[str], Non
             path.write_text(text)
             emit(f"wrote {path}")
         written.append(path)
+    _remove_units(older_units(config), emit)
     timer = f"{unit_name(config)}.timer"
     commands = [
         ["systemctl", "--user", "daemon-reload"],
@@ -307,19 +414,18 @@ def install_systemd(config: StudyConfig, enable: bool, emit: Callable[[str], Non
 
 
 def remove_systemd(config: StudyConfig, emit: Callable[[str], None]) -> list[Path]:
-    """Stop the timer where systemd runs, and delete the units."""
-    name = unit_name(config)
-    removed = []
-    if shutil.which("systemctl"):
+    """Stop the timer where systemd runs, and delete the units of this study file."""
+    paths = [unit_dir() / name for name in unit_files(config)]
+    return _remove_units([p for p in paths if p.exists()] + older_units(config), emit)
+
+
+def _remove_units(paths: list[Path], emit: Callable[[str], None]) -> list[Path]:
+    timers = [path.name for path in paths if path.suffix == ".timer"]
+    if timers and shutil.which("systemctl"):
         subprocess.run(
-            ["systemctl", "--user", "disable", "--now", f"{name}.timer"],
-            capture_output=True,
-            check=False,
+            ["systemctl", "--user", "disable", "--now", *timers], capture_output=True, check=False
         )
-    for suffix in (".service", ".timer"):
-        path = unit_dir() / f"{name}{suffix}"
-        if path.exists():
-            path.unlink()
-            emit(f"removed {path}")
-            removed.append(path)
-    return removed
+    for path in paths:
+        path.unlink(missing_ok=True)
+        emit(f"removed {path}")
+    return paths
