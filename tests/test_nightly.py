@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,9 +20,15 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from sweeper.nightly.night import EXIT_REGRESSION, fit_to_space
+from sweeper.nightly.night import (
+    EXIT_REGRESSION,
+    NOTIFY_DEADLINE,
+    NightLock,
+    fit_to_space,
+    process_start,
+)
 from sweeper.space import SearchSpace
-from tests.conftest import StudyDir, run_sweeper, study, sweeper_cmd
+from tests.conftest import StudyDir, free_port, run_sweeper, study, sweeper_cmd
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -94,6 +105,7 @@ def test_three_nights_warm_start_lock_regression_and_webhook(
     second = run_sweeper("nightly", str(path), "--date", "2026-11-20")
     assert second.returncode == 0, second.stderr
     assert "another `sweeper nightly` of study 'tiny' is running" in second.stdout
+    assert f"(process {first.pid} on {socket.gethostname()} holds" in second.stdout
     assert time.monotonic() - started < 15, "the second run answers without running trials"
     rest, _ = first.communicate(timeout=300)
     output = "".join(lines) + rest
@@ -101,6 +113,8 @@ def test_three_nights_warm_start_lock_regression_and_webhook(
     assert "warm start: no earlier night" in output
     assert "night 2026-11-20: best val_acc=" in output and ": first" in output
     assert "attempt 1 of 3 failed" in output, "the webhook's first 500 is retried"
+    assert f"notified {hook.url.removesuffix('/hook')}/... (HTTP 200)" in output
+    assert "/hook" not in output, "the webhook's path is not shown"
     assert [body["night"] for body in hook.received] == ["2026-11-20"]
     night1 = night_study(study_dir, "2026-11-20")
     assert len(night1.trials) == 4, "the second run added nothing"
@@ -166,14 +180,159 @@ def test_three_nights_warm_start_lock_regression_and_webhook(
     assert "no night 2026-11-19 of study 'tiny' in its storage" in missing.stderr
 
 
-def test_a_dead_webhook_never_fails_the_night(study_dir: StudyDir) -> None:
-    from tests.conftest import free_port
-
-    path = study_dir.write(nightly_study(f"http://127.0.0.1:{free_port()}/hook"))
+def test_a_dead_webhook_never_fails_the_night_nor_shows_its_token(study_dir: StudyDir) -> None:
+    port = free_port()
+    path = study_dir.write(nightly_study(f"http://127.0.0.1:{port}/hook/T0KEN-1?key=K3Y-2#F-3"))
     result = run_sweeper("nightly", str(path), "--date", "2026-11-20")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "attempt 3 of 3 failed" in result.stdout
+    assert f"notify http://127.0.0.1:{port}/...: attempt 3 of 3 failed" in result.stdout
     assert "gave up; the night's result stands" in result.stdout
+    for secret in ("T0KEN-1", "K3Y-2", "F-3", "/hook"):
+        assert secret not in result.stdout + result.stderr
+
+
+class Trickle:
+    """A webhook that answers a byte a second: a status line, then a header that never ends.
+
+    Each answer stops by itself after ``seconds``; the server stops when closed.
+    """
+
+    def __init__(self, seconds: int = 90) -> None:
+        self.seconds = seconds
+        self.connections = 0
+        self.stop = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.5)
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                connection, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            connection.settimeout(5)
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            for _ in range(self.seconds):
+                if self.stop.wait(1):
+                    return
+                connection.sendall(b"a")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.close()
+
+
+@pytest.fixture
+def trickle() -> Iterator[Trickle]:
+    server = Trickle()
+    yield server
+    server.close()
+
+
+def test_a_webhook_that_answers_a_byte_a_second_cannot_keep_the_night_alive(
+    study_dir: StudyDir, trickle: Trickle
+) -> None:
+    url = f"http://127.0.0.1:{trickle.port}/hooks/T0KEN-abc?key=K3Y-def"
+    path = study_dir.write(study(study={"n_trials": 2}, schedule={"notify": url}))
+    night = subprocess.Popen(
+        sweeper_cmd("nightly", str(path), "--date", "2026-11-20"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert night.stdout is not None
+    lines = []
+    try:
+        for line in night.stdout:
+            lines.append(line)
+            if line.startswith("night 2026-11-20:"):  # the summary, just before notifying
+                break
+        summarized = time.monotonic()
+        night.wait(timeout=NOTIFY_DEADLINE + 15)
+        waited = time.monotonic() - summarized
+    finally:
+        if night.poll() is None:
+            night.kill()
+            night.wait()
+    output = "".join(lines) + night.stdout.read()
+    assert night.returncode == 0, output
+    assert waited < NOTIFY_DEADLINE + 5, output
+    assert "attempt 1 of 3 failed: no complete answer within 10 s" in output
+    assert "gave up; the night's result stands" in output
+    assert trickle.connections == 3
+    assert f"notify http://127.0.0.1:{trickle.port}/...: attempt" in output
+    for secret in ("T0KEN-abc", "K3Y-def", "/hooks"):
+        assert secret not in output
+
+
+HOLDER = """
+import fcntl, json, os, socket, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+start = int(open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[19])
+record = {"pid": os.getpid(), "start": start, "host": socket.gethostname()}
+os.write(fd, json.dumps(record).encode())
+child = os.fork()
+if child == 0:  # keeps the inherited lock after its parent is gone, for a while
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    time.sleep(120)
+    os._exit(0)
+print(os.getpid(), child, flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_lock_whose_holder_is_gone_is_taken_over(study_dir: StudyDir) -> None:
+    path = study_dir.write(study(study={"n_trials": 2}))
+    lock = study_dir.root / "tiny" / "nightly.lock"
+    lock.parent.mkdir()
+    holder = subprocess.run(
+        [sys.executable, "-c", HOLDER, str(lock)], capture_output=True, text=True, timeout=30
+    )
+    assert holder.returncode == 0, holder.stderr
+    gone, child = (int(pid) for pid in holder.stdout.split())
+    try:
+        result = run_sweeper("nightly", str(path), "--date", "2026-11-20")
+    finally:
+        os.kill(child, signal.SIGKILL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "another `sweeper nightly`" not in result.stdout
+    host = socket.gethostname()
+    assert f"took over {lock}: its holder, process {gone} on {host}, is gone" in result.stdout
+    assert "night 2026-11-20: best val_acc=" in result.stdout
+    assert json.loads(lock.read_text())["pid"] not in {gone, child}
+
+
+def test_a_live_holder_keeps_the_lock_and_a_reused_pid_does_not(tmp_path: Path) -> None:
+    said: list[str] = []
+    path = tmp_path / "nightly.lock"
+    first, second = NightLock(path), NightLock(path)
+    assert first.acquire(said.append) is None
+    me = {"pid": os.getpid(), "start": process_start(os.getpid()), "host": socket.gethostname()}
+    assert second.acquire(said.append) == me and said == []
+    elsewhere = me | {"host": "elsewhere", "pid": 2**22 + 1}
+    path.write_text(json.dumps(elsewhere))
+    assert second.acquire(said.append) == elsewhere and said == [], "kept: it may be alive"
+    if me["start"] is not None:  # the pid is in use again, by a process started later
+        path.write_text(json.dumps(me | {"start": me["start"] - 1}))
+        assert second.acquire(said.append) is None
+        assert said == [
+            f"took over {path}: its holder, process {os.getpid()} on {me['host']}, is gone"
+        ]
+    second.release()
+    first.release()
 
 
 def test_bad_date_is_refused_and_nothing_written(study_dir: StudyDir) -> None:

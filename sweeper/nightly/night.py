@@ -5,30 +5,37 @@ trials are the best configurations of the most recent earlier night, fitted to
 tonight's search space. When it ends, its best is compared with that night's:
 the summary is stored on the night's study (the history), written to
 ``<folder>/<name>/nights/<date>/summary.json`` and optionally POSTed.
+One night of a study runs at a time: see :class:`NightLock`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
+import http.client
 import json
 import math
+import os
 import re
+import socket
+import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from filelock import FileLock, Timeout
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper import store
 from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
+from sweeper.errors import SweeperError
 from sweeper.space import SearchSpace, parse_space
 from sweeper.sweep import LiveView, Observer
 
@@ -40,6 +47,10 @@ WARM_START_ATTR = "warm_start"
 NOTIFY_ATTEMPTS = 3
 NOTIFY_BACKOFF = 1.0
 """Seconds before the first retry of a failed webhook; doubled for each further retry."""
+NOTIFY_TIMEOUT = 10.0
+"""Seconds one webhook attempt may take in all: connecting, sending, reading the answer."""
+NOTIFY_DEADLINE = 30.0
+"""Seconds every attempt and every wait between them may take together: the lock is held."""
 
 
 @dataclass(frozen=True)
@@ -69,20 +80,18 @@ def run_night(
     from sweeper.sweep import check, start
 
     tonight = config.for_night(night)
-    lock_path = config.output_dir / "nightly.lock"
-    lock = FileLock(lock_path)
-    busy = (
-        f"another `sweeper nightly` of study {config.study.name!r} is running "
-        f"(it holds {lock_path}); nothing to do"
-    )
-    if lock_path.exists() and not _try(lock):  # answer at once, before importing the task
-        emit(busy)
-        return 0
-    lock.release()
+    lock = NightLock(config.output_dir / "nightly.lock")
+    if lock.path.exists():  # answer at once, before importing the task
+        holder = lock.acquire(emit)
+        if holder is not None:
+            emit(_busy(config, lock.path, holder))
+            return 0
+        lock.release()
     checked = check(tonight, emit)  # bad data or input stops the night before any write
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    if not _try(lock):
-        emit(busy)
+    lock.path.parent.mkdir(parents=True, exist_ok=True)
+    holder = lock.acquire(emit)
+    if holder is not None:
+        emit(_busy(config, lock.path, holder))
         return 0
     try:
         finished = stored_summary(config, night)
@@ -120,12 +129,115 @@ def run_night(
         lock.release()
 
 
-def _try(lock: FileLock) -> bool:
+def _busy(config: StudyConfig, path: Path, holder: dict[str, Any]) -> str:
+    held = f"process {holder['pid']} on {holder.get('host')} holds" if holder else "it holds"
+    return (
+        f"another `sweeper nightly` of study {config.study.name!r} is running "
+        f"({held} {path}); nothing to do"
+    )
+
+
+class NightLock:
+    """``nightly.lock``: an flock that one ``sweeper nightly`` of a study holds at a time.
+
+    The holder writes its pid, its process's start time and its host into the
+    file. When the flock is held but that process is gone from this host (a
+    child forked from it can keep the flock alive), the lock is taken over.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, emit: Callable[[str], None]) -> dict[str, Any] | None:
+        """None once held; otherwise the holder's record (empty when it left none)."""
+        with _gate(self.path.parent):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if not self._flock(fd):
+                holder = _holder(fd)
+                os.close(fd)
+                if not _gone(holder):
+                    return holder
+                # Whatever still holds the old file keeps it; nothing looks at it again.
+                os.unlink(self.path)
+                emit(
+                    f"took over {self.path}: its holder, process {holder['pid']} on "
+                    f"{holder['host']}, is gone"
+                )
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                if not self._flock(fd):
+                    os.close(fd)
+                    return {}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(_this_process()) + "\n").encode(), 0)
+            self._fd = fd
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # the record stays: it names the last holder
+            self._fd = None
+
+    def _flock(self, fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            os.close(fd)
+            raise SweeperError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
+        return True
+
+
+@contextlib.contextmanager
+def _gate(folder: Path) -> Iterator[None]:
+    """One nightly at a time takes or takes over the lock: a brief flock on its folder."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _this_process() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"pid": pid, "start": process_start(pid), "host": socket.gethostname()}
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (field 22 of /proc/<pid>/stat), or None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])  # the name in (...) may hold spaces
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _holder(fd: int) -> dict[str, Any]:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int):
+        return {}
+    return record
+
+
+def _gone(holder: dict[str, Any]) -> bool:
+    """Whether the process in ``holder`` has ended (only known for a process on this host)."""
+    if not holder or holder.get("host") != socket.gethostname() or holder["pid"] <= 0:
         return False
-    return True
+    start = process_start(holder["pid"])
+    if start is not None:  # a pid in use again is another process
+        return holder.get("start") is not None and start != holder["start"]
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def nights(config: StudyConfig) -> dict[dt.date, str]:
@@ -351,23 +463,80 @@ def history(config: StudyConfig) -> list[dict[str, Any]]:
 
 
 def notify(url: str, summary: dict[str, Any], emit: Callable[[str], None]) -> bool:
-    """POST the summary as JSON; retried with back-off, never raises. True when delivered."""
+    """POST the summary as JSON; retried with back-off, never raises. True when delivered.
+
+    Every attempt is bounded as a whole, and all of them together by
+    NOTIFY_DEADLINE: a hook that answers a byte at a time cannot keep the night
+    (and its lock) alive. The URL is shown without its path and query, which
+    often carry a token.
+    """
     body = json.dumps(summary).encode()
+    shown = masked_url(url)
+    deadline = time.monotonic() + NOTIFY_DEADLINE
     for attempt in range(1, NOTIFY_ATTEMPTS + 1):
+        if attempt > 1:
+            backoff = NOTIFY_BACKOFF * 2 ** (attempt - 2)
+            time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
+        limit = min(NOTIFY_TIMEOUT, deadline - time.monotonic())
+        if limit < 1:
+            break
+        try:
+            status = _post(url, body, limit)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            reason = _scrub(str(getattr(exc, "reason", exc)), url)
+            emit(f"notify {shown}: attempt {attempt} of {NOTIFY_ATTEMPTS} failed: {reason}")
+        else:
+            emit(f"notified {shown} (HTTP {status})")
+            return True
+    emit(f"notify {shown}: gave up; the night's result stands")
+    return False
+
+
+def _post(url: str, body: bytes, limit: float) -> int:
+    """POST ``body``: the HTTP status, or the error; TimeoutError after ``limit`` s in all."""
+    outcome: list[int | Exception] = []
+
+    def send() -> None:
         request = urllib.request.Request(
             url, data=body, method="POST", headers={"Content-Type": "application/json"}
         )
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                emit(f"notified {url} (HTTP {response.status})")
-                return True
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            emit(f"notify {url}: attempt {attempt} of {NOTIFY_ATTEMPTS} failed: {reason}")
-        if attempt < NOTIFY_ATTEMPTS:
-            time.sleep(NOTIFY_BACKOFF * 2 ** (attempt - 1))
-    emit(f"notify {url}: gave up; the night's result stands")
-    return False
+            with urllib.request.urlopen(request, timeout=limit) as response:
+                outcome.append(response.status)
+        except Exception as exc:
+            outcome.append(exc)
+
+    # The socket timeout bounds each read, not the answer: the thread bounds it all.
+    sender = threading.Thread(target=send, name="notify", daemon=True)
+    sender.start()
+    sender.join(limit)
+    if not outcome:
+        raise TimeoutError(f"no complete answer within {limit:.0f} s")
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
+def masked_url(url: str) -> str:
+    """``scheme://host[:port]/...``: no credentials, no path, no query."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    with contextlib.suppress(ValueError):
+        if parts.port is not None:
+            host += f":{parts.port}"
+    hidden = parts.path not in {"", "/"} or parts.query or parts.fragment
+    return f"{parts.scheme}://{host}/{'...' if hidden else ''}"
+
+
+def _scrub(text: str, url: str) -> str:
+    """An error message without the parts of ``url`` that ``masked_url`` hides."""
+    parts = urllib.parse.urlsplit(url)
+    hidden = [url, parts.path, parts.query, parts.fragment, parts.username, parts.password]
+    for secret in sorted((h for h in hidden if h and len(h) > 1), key=len, reverse=True):
+        text = text.replace(secret, "...")
+    return text
 
 
 def earlier_reports(config: StudyConfig, night: dt.date) -> list[tuple[str, str]]:
