@@ -45,7 +45,7 @@ def handles_errors(command: F) -> F:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # SIGTERM (docker stop, Kubernetes, systemd) stops as Ctrl-C does; an
         # explicit handler also makes it reach sweeper when it runs as PID 1.
-        signal.signal(signal.SIGTERM, _terminate)
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return command(*args, **kwargs)
         except SweeperError as exc:
@@ -59,6 +59,8 @@ def handles_errors(command: F) -> F:
         except KeyboardInterrupt:
             err.print("interrupted", markup=False)
             raise typer.Exit(130) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)  # the command ran in-process (tests)
 
     return wrapper  # type: ignore[return-value]
 

@@ -209,7 +209,7 @@ def start(
     recovered = store.recover(study, config)
     for number in recovered:
         emit(f"trial {number} was left running by a stopped sweep: failed and enqueued again")
-    since = len(store.read_trials(study))
+    since = len(study.get_trials(deepcopy=False))  # trial numbers of this run start here
     devices = ", ".join(sorted({slot.device for slot in slots}))
     emit(
         f"study {config.study.name!r} in {store.mask_url(config.storage_url)}: {len(slots)} "

@@ -58,11 +58,11 @@ def test_failed_trial_is_retried_once_with_its_params(study_dir: StudyDir) -> No
     config = make(study_dir, study={"n_trials": 5})
     created = create_or_resume(config)
     trial = take(created, config)
-    assert fail_trial(created, config, trial.number, "killed by signal 9 (SIGKILL)", retry=True)
+    assert fail_trial(created, config, trial.number, "killed by signal 9 (SIGKILL)", retries=1)
     retry = take(created, config)
     assert retry.params == trial.params
     assert created.trials[trial.number].user_attrs["stop_reason"] == "killed by signal 9 (SIGKILL)"
-    fail_trial(created, config, retry.number, "killed again", retry=True)
+    fail_trial(created, config, retry.number, "killed again", retries=1)
     fresh = take(created, config)
     stored = created.trials[fresh.number]
     assert stored.system_attrs.get("failed_trial") is None, "a retry is not retried again"
@@ -74,12 +74,12 @@ def test_failing_is_idempotent_and_never_touches_a_finished_trial(study_dir: Stu
     created = create_or_resume(config)
     done, running = take(created, config), take(created, config)
     created.tell(done, 0.75)
-    assert not fail_trial(created, config, done.number, "timed out after 5 s", retry=False)
+    assert not fail_trial(created, config, done.number, "timed out after 5 s", retries=0)
     finished = created.trials[done.number]
     assert finished.state == TrialState.COMPLETE and finished.value == 0.75
     assert "stop_reason" not in finished.user_attrs
-    assert fail_trial(created, config, running.number, "killed", retry=True)
-    assert not fail_trial(created, config, running.number, "killed", retry=True)
+    assert fail_trial(created, config, running.number, "killed", retries=1)
+    assert not fail_trial(created, config, running.number, "killed", retries=1)
     waiting = created.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1, "failing twice enqueues one retry"
 
@@ -94,20 +94,24 @@ def test_orphans_are_recovered_whatever_moment_their_process_died(study_dir: Stu
         check=True,
     )
     me = Owner.me()
-    orphan, alive, reused, elsewhere = (take(created, config) for _ in range(4))
-    for trial, host, pid, start in (
-        (orphan, me.host, int(dead.stdout), None),
-        (reused, me.host, me.pid, (me.start or 0) + 1),  # the pid now runs another process
-        (elsewhere, "another-host", int(dead.stdout), None),
+    gone = int(dead.stdout)
+    orphan, alive, reused, elsewhere, watched = (take(created, config) for _ in range(5))
+    for trial, owner in (
+        (orphan, Owner(me.host, gone, None, gone, None)),
+        # the pids now run other processes: the start times differ
+        (reused, Owner(me.host, me.pid, (me.start or 0) + 1, me.pid, (me.start or 0) + 1)),
+        (elsewhere, Owner("another-host", gone, None, gone, None)),
+        # the trial process died, its worker lives: the worker records it
+        (watched, Owner(me.host, gone, None, me.pid, me.start)),
     ):
-        trial.set_user_attr("host", host)
-        trial.set_user_attr("pid", pid)
-        trial.set_user_attr("pid_start", start)
+        for key, value in owner.record().items():
+            trial.set_user_attr(key, value)
     ownerless = created.ask()  # its process died inside the claim, before the owner record
     recovered = recover(created, config)
     assert sorted(recovered) == sorted([orphan.number, reused.number, ownerless.number])
     states = {t.number: t.state for t in created.get_trials()}
     assert states[alive.number] == states[elsewhere.number] == TrialState.RUNNING
+    assert states[watched.number] == TrialState.RUNNING
     assert states[orphan.number] == states[reused.number] == TrialState.FAIL
     reasons = {t.number: t.user_attrs.get("stop_reason") for t in created.get_trials()}
     assert reasons[ownerless.number] == "interrupted: its process died while claiming it"

@@ -190,7 +190,8 @@ class Worker:
         else:
             reason = f"the trial process exited with code {os.WEXITSTATUS(status)}"
         assert child.number is not None
-        fail_trial(self.study, self.config, child.number, reason, retry=True)
+        retries = None if self.stopping else 1  # a kill may be out of memory: retry once
+        fail_trial(self.study, self.config, child.number, reason, retries=retries)
 
     def _time_out(self, child: TrialProcess, limit: float) -> None:
         """Fail the trial that ran past its limit (not retried: it would hang again).
@@ -202,7 +203,7 @@ class Worker:
 
         if child.number is not None:
             fail_trial(
-                self.study, self.config, child.number, f"timed out after {limit:g} s", retry=False
+                self.study, self.config, child.number, f"timed out after {limit:g} s", retries=0
             )
         child.number = None  # recorded; nothing more to do
 

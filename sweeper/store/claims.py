@@ -33,7 +33,7 @@ from sweeper.store.open import check_sqlite_path, first_line, is_server, mask_ur
 LOCK_WAIT = float(os.environ.get("SWEEPER_LOCK_WAIT", "600"))
 """Seconds a claim waits for the study's claim lock before giving up with a message."""
 
-OWNER_ATTRS = ("host", "pid", "pid_start")
+OWNER_ATTRS = ("host", "pid", "pid_start", "worker_pid", "worker_start")
 
 
 class SamplerFailed(SweeperError):
@@ -44,16 +44,24 @@ class SamplerFailed(SweeperError):
 
 @dataclass(frozen=True)
 class Owner:
-    """The process that runs a trial: host, pid, and when that pid's process started."""
+    """Who runs a trial: its host, its process and the worker that forked it.
+
+    Each process is named by pid and start time, so a pid reused by a newer
+    process does not look alive. The worker records its trial's end when the
+    trial process dies, so a trial is orphaned only once both are gone.
+    """
 
     host: str
     pid: int
     start: int | None
+    worker: int | None = None
+    worker_start: int | None = None
 
     @classmethod
     def me(cls) -> Owner:
-        pid = os.getpid()
-        return cls(socket.gethostname(), pid, process_start(pid))
+        """This process, forked by the worker that is its parent."""
+        pid, parent = os.getpid(), os.getppid()
+        return cls(socket.gethostname(), pid, process_start(pid), parent, process_start(parent))
 
     @classmethod
     def of(cls, attrs: dict[str, Any]) -> Owner | None:
@@ -61,14 +69,40 @@ class Owner:
         host, pid = attrs.get("host"), attrs.get("pid")
         if not isinstance(host, str) or not isinstance(pid, int):
             return None
-        start = attrs.get("pid_start")
-        return cls(host, pid, start if isinstance(start, int) else None)
 
-    def alive(self) -> bool:
-        """Whether this process still runs (only answerable on its own host)."""
-        if not process_alive(self.pid):
+        def number(key: str) -> int | None:
+            value = attrs.get(key)
+            return value if isinstance(value, int) else None
+
+        return cls(host, pid, number("pid_start"), number("worker_pid"), number("worker_start"))
+
+    def record(self) -> dict[str, Any]:
+        return dict(
+            zip(
+                OWNER_ATTRS,
+                (self.host, self.pid, self.start, self.worker, self.worker_start),
+                strict=True,
+            )
+        )
+
+    def gone(self, asker: int) -> bool:
+        """Whether nobody will record this trial's end (answerable on its own host only).
+
+        ``asker`` is the worker asking: a trial of its own whose process died
+        is its to fail, although the worker is alive.
+        """
+        if running(self.pid, self.start):
             return False
-        return self.start is None or process_start(self.pid) in (None, self.start)
+        if self.worker is None or self.worker == asker:
+            return True
+        return not running(self.worker, self.worker_start)
+
+
+def running(pid: int, start: int | None) -> bool:
+    """Whether the process ``pid`` that started at ``start`` still runs on this machine."""
+    if not process_alive(pid):
+        return False
+    return start is None or process_start(pid) in (None, start)
 
 
 def process_start(pid: int) -> int | None:
@@ -133,12 +167,12 @@ def _server_lock(url: str, name: str) -> Iterator[None]:
     mysql = url.startswith(("mysql", "mariadb"))
     setup: str | None = None
     if mysql:
-        lock = f"SELECT GET_LOCK(:key, {int(LOCK_WAIT)}) = 1"
+        lock = f"SELECT GET_LOCK(:key, {int(LOCK_WAIT)})"
         unlock = "SELECT RELEASE_LOCK(:key)"
         key: int | str = f"sweeper:{digest.hex()[:40]}"  # lock names: 64 characters at most
     else:
         setup = f"SET lock_timeout = {int(LOCK_WAIT * 1000)}"
-        lock = "SELECT pg_advisory_lock(:key) IS NULL"
+        lock = "SELECT pg_advisory_lock(:key)"
         unlock = "SELECT pg_advisory_unlock(:key)"
         key = int.from_bytes(digest[:8], signed=True)
     try:
@@ -151,7 +185,8 @@ def _server_lock(url: str, name: str) -> Iterator[None]:
         try:
             if setup is not None:
                 connection.execute(sa.text(setup))
-            got = bool(connection.execute(sa.text(lock), {"key": key}).scalar())
+            answer = connection.execute(sa.text(lock), {"key": key}).scalar()
+            got = bool(answer) if mysql else True  # pg_advisory_lock waits or raises
         except sa.exc.OperationalError as exc:
             if "lock timeout" not in str(exc):
                 raise StorageError(
@@ -202,7 +237,7 @@ def claim(
     from sweeper.plugins import sampler_for, trial_seed
     from sweeper.store.outcomes import Snapshot, fail_orphans
 
-    fail_orphans(study, owner.host)
+    fail_orphans(study, owner.host, asker=owner.worker)
     trials = study.get_trials(deepcopy=False)
     now = Snapshot(trials, config.study.n_trials, since or 0)
     if now.finished + now.counts["running"] >= config.study.n_trials:
@@ -227,12 +262,7 @@ def claim(
             f"{config.path}: sampler: asking {config.sampler.name} for a trial failed: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    for key, value in {
-        "host": owner.host,
-        "pid": owner.pid,
-        "pid_start": owner.start,
-        **attrs,
-    }.items():
+    for key, value in {**owner.record(), **attrs}.items():
         trial.set_user_attr(key, value)
     backend(study).record_heartbeat(trial_id(trial))
     return trial

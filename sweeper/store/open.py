@@ -66,11 +66,12 @@ def mask_url(url: str) -> str:
     return re.sub(r"(?i)([?&](?:password|passwd|pwd)=)[^&]*", r"\1***", masked)
 
 
-def retry_once() -> RetryHeartbeatStaleTrialCallback:
-    """Optuna's own retry callback: enqueue a failed trial's params again, once."""
+def retrying(retries: int | None) -> RetryHeartbeatStaleTrialCallback:
+    """Optuna's own retry callback: enqueue a failed trial's params again, at most
+    ``retries`` times over the trial's lineage (None: without limit)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RetryHeartbeatStaleTrialCallback(max_retry=1)
+        return RetryHeartbeatStaleTrialCallback(max_retry=retries)
 
 
 def open_storage(
@@ -111,7 +112,9 @@ def open_storage(
                 skip_table_creation=not create,
                 heartbeat_interval=HEARTBEAT_INTERVAL,
                 grace_period=GRACE_PERIOD,
-                heartbeat_stale_trial_callback=retry_once(),
+                heartbeat_stale_trial_callback=retrying(
+                    None
+                ),  # a lost machine: not the trial's fault
             )
     except RuntimeError as exc:
         if "optuna storage upgrade" in str(exc):

@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sweeper.config import StudyConfig
 from sweeper.store._compat import backend, storage_of, study_id, trial_id
 from sweeper.store.claims import Owner, claim_lock
-from sweeper.store.open import retry_once
+from sweeper.store.open import retrying
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 """The states that count toward ``n_trials``."""
@@ -71,9 +71,13 @@ def tell(
 
 
 def fail_trial(
-    study: optuna.Study, config: StudyConfig, number: int, reason: str, *, retry: bool
+    study: optuna.Study, config: StudyConfig, number: int, reason: str, *, retries: int | None
 ) -> bool:
-    """Fail a RUNNING trial with ``reason`` and, with ``retry``, enqueue its params once.
+    """Fail a RUNNING trial with ``reason`` and enqueue its params again.
+
+    ``retries`` bounds how often one configuration is retried: 0 never (a
+    timeout would hang again), 1 once (a kill, maybe out of memory), None
+    without limit (interrupted from outside: it did nothing wrong).
 
     Idempotent: timeout, death and orphan paths may race to fail the same
     trial; the first wins and a finished trial is left as it is. False when
@@ -82,10 +86,10 @@ def fail_trial(
     with claim_lock(config):
         storage = storage_of(study)
         found = storage.get_trial_id_from_study_id_trial_number(study_id(study), number)
-        return _fail(study, found, reason, retry=retry)
+        return _fail(study, found, reason, retries=retries)
 
 
-def _fail(study: optuna.Study, found: int, reason: str, *, retry: bool) -> bool:
+def _fail(study: optuna.Study, found: int, reason: str, *, retries: int | None) -> bool:
     """Fail trial ``found`` (a storage id) under the claim lock; see :func:`fail_trial`."""
     storage = storage_of(study)
     try:
@@ -97,30 +101,36 @@ def _fail(study: optuna.Study, found: int, reason: str, *, retry: bool) -> bool:
         return False
     if told.state != TrialState.FAIL or told.user_attrs.get("stop_reason") != reason:
         return False
-    if retry:
-        retry_once()(study, told)
+    if retries != 0:
+        retrying(retries)(study, told)
     return True
 
 
-def fail_orphans(study: optuna.Study, host: str, ownerless_reason: str | None = None) -> list[int]:
+def fail_orphans(
+    study: optuna.Study,
+    host: str,
+    ownerless_reason: str | None = None,
+    asker: int | None = None,
+) -> list[int]:
     """Fail and retry the RUNNING trials whose process is gone; call under the claim lock.
 
     A trial without an owner was left by a process that died inside its claim
     (or, with ``ownerless_reason``, by a sampler that raised: failed, not
     retried). A trial owned on this host by a process that ended is an
-    orphan. A trial of another host is left to its heartbeat.
+    orphan once its worker is gone too (or is ``asker``, the worker asking).
+    A trial of another host is left to its heartbeat.
     """
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = Owner.of(trial.user_attrs)
         if owner is None:
             reason = ownerless_reason or f"{INTERRUPTED}: its process died while claiming it"
-            retry = ownerless_reason is None
-        elif owner.host == host and not owner.alive():
-            reason, retry = f"{INTERRUPTED}: its process ended before the trial did", True
+            retries: int | None = None if ownerless_reason is None else 0
+        elif owner.host == host and owner.gone(asker if asker is not None else -1):
+            reason, retries = f"{INTERRUPTED}: its process ended before the trial did", None
         else:
             continue
-        if _fail(study, trial_id(trial), reason, retry=retry):
+        if _fail(study, trial_id(trial), reason, retries=retries):
             recovered.append(trial.number)
     fail_stale(study)
     return recovered
@@ -219,10 +229,8 @@ class Snapshot:
 
 
 def snapshot(study: optuna.Study, n_trials: int, since: int = 0) -> Snapshot:
-    """The study's trials as they are now (read fast, as plain rows)."""
-    from sweeper.store.rows import read_trials
-
-    return Snapshot(read_trials(study), n_trials, since)
+    """The study's trials as they are now (Optuna's cache keeps finished ones: cheap to repeat)."""
+    return Snapshot(study.get_trials(deepcopy=False), n_trials, since)
 
 
 def counts(study: optuna.Study) -> dict[str, int]:

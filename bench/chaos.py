@@ -1,0 +1,453 @@
+"""Chaos: kill -9 at random moments of real sweeps, inject faults, and count every trial.
+
+    python bench/chaos.py [--kills 60] [--storages sqlite postgres] [--seed 0] [--no-faults]
+
+Rounds of ``kill -9`` of a random process of a running ``sweeper start`` (the
+supervisor, a worker or a trial), restarting ``sweeper start`` whenever it is
+gone, on SQLite and on the PostgreSQL server on loopback
+(``SWEEPER_TEST_POSTGRES``, default postgresql://postgres@127.0.0.1:5432).
+Then one sweep for each injected fault: a trial that hangs (``trial_timeout``),
+one that crashes the interpreter (``os.abort()``), one that runs out of memory
+under a memory limit, every database connection terminated mid-sweep
+(PostgreSQL), the SQLite file's folder turned read-only mid-sweep (in a mount
+namespace of the sweep's own; needs root and util-linux). Each study is then
+run to its end and checked: trials finished (exactly ``n_trials``), lost,
+duplicated, stuck RUNNING, ``PRAGMA integrity_check``, and the longest time
+from a fault to the next trial running. Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import tomlkit
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parent.parent
+TASK = ROOT / "tests" / "fixtures" / "tiny_task.py"
+SERVER = os.environ.get("SWEEPER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+N_TRIALS = 30
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+@dataclass
+class Row:
+    """One line of the table: a storage and what was done to it."""
+
+    storage: str
+    fault: str
+    faults: int = 0
+    restarts: int = 0
+    finished: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    stuck: int = 0
+    integrity: str = "-"
+    worst_gap_s: float = 0.0
+    exit_codes: set[int] = field(default_factory=set)
+    message: str = ""
+
+
+def study_file(folder: Path, name: str, storage: str | None, **extra: Any) -> Path:
+    search: dict[str, Any] = {"lr": {"low": 0.01, "high": 0.1, "log": True}, "sleep": 0.04}
+    search.update(extra.pop("search", {}))
+    data: dict[str, Any] = {
+        "study": {
+            "name": name,
+            "direction": "maximize",
+            "metric": "val_acc",
+            "n_trials": N_TRIALS,
+            "seed": 1,
+            "max_failures": 1000,
+            **({"storage": storage} if storage else {}),
+        },
+        "task": {"name": "tiny_task:build"},
+        "trainer": {"max_epochs": 2},
+        "search": search,
+        "sampler": {"name": "random"},
+        "resources": {"devices": "cpu", "cpu_workers": 2, **extra.pop("resources", {})},
+    }
+    path = folder / f"{name}.toml"
+    path.write_text(tomlkit.dumps(data))
+    return path
+
+
+def sweeper(path: Path, prefix: list[str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*(prefix or []), sys.executable, "-m", "sweeper.cli", "start", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """Every process below ``pid`` with its depth (1: worker, 2: trial)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                stat = (entry / "stat").read_text()
+                parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(
+                    int(entry.name)
+                )
+    found: dict[int, int] = {}
+    todo = [(pid, 0)]
+    while todo:
+        parent, depth = todo.pop()
+        for child in parents.get(parent, []):
+            found[child] = depth + 1
+            todo.append((child, depth + 1))
+    return found
+
+
+def trials_of(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+
+
+def last_start(url: str, name: str) -> dt.datetime | None:
+    starts = [t.datetime_start for t in trials_of(url, name) if t.datetime_start is not None]
+    return max(starts) if starts else None
+
+
+def finish(row: Row, path: Path, url: str, name: str, db: Path | None) -> Row:
+    """Run the study to its end without faults, then count every trial."""
+    for _ in range(3):
+        done = sweeper(path)
+        _, err = done.communicate(timeout=900)
+        row.exit_codes.add(done.returncode)
+        if done.returncode == 0:
+            break
+        row.restarts += 1
+        if err.strip() and not row.message:
+            row.message = err.strip().splitlines()[-1][:160]
+    trials = trials_of(url, name)
+    finished = [t for t in trials if t.state in FINISHED]
+    row.finished = len(finished)
+    row.stuck = sum(t.state == TrialState.RUNNING for t in trials)
+    row.lost = max(0, N_TRIALS - len(finished))
+    done_numbers = {t.number for t in finished}
+    retried_done = [
+        t
+        for t in finished
+        if t.system_attrs.get("failed_trial") in done_numbers
+        and t.system_attrs.get("failed_trial") != t.number
+    ]
+    row.duplicated = max(0, len(finished) - N_TRIALS) + len(retried_done)
+    if db is not None:
+        with sqlite3.connect(db) as connection:
+            row.integrity = connection.execute("PRAGMA integrity_check").fetchone()[0]
+    return row
+
+
+def wait_gap(url: str, name: str, fault_at: dt.datetime, poll: Any = None) -> float:
+    """Seconds from a fault until a trial started after it (the sweep running again).
+
+    ``poll`` is called while waiting (it restarts a sweep that is gone); it
+    returns False once the study has nothing left to run.
+    """
+    began = time.monotonic()
+    while time.monotonic() - began < 300:
+        latest = last_start(url, name)
+        if latest is not None and latest > fault_at:
+            return (latest - fault_at).total_seconds()
+        if poll is not None and not poll():
+            return 0.0
+        time.sleep(0.2)
+    return float("inf")
+
+
+class Rounds:
+    """Studies run one after another on one storage while the kills go on."""
+
+    def __init__(self, storage: str, url: str, folder: Path, row: Row) -> None:
+        self.storage, self.server, self.folder, self.row = storage, url, folder, row
+        self.count = 0
+        self.sweep: subprocess.Popen[str] | None = None
+        self.next_study()
+
+    def next_study(self) -> None:
+        self.name = f"chaos-{self.storage}-{self.count}"
+        self.count += 1
+        server = self.storage != "sqlite"
+        self.db = None if server else self.folder / f"{self.name}.db"
+        self.url = self.server if server else f"sqlite:///{self.db}"
+        self.path = study_file(self.folder, self.name, self.server if server else None)
+        self.sweep = sweeper(self.path)
+
+    def done(self) -> bool:
+        return len([t for t in trials_of(self.url, self.name) if t.state in FINISHED]) >= N_TRIALS
+
+    def poll(self) -> bool:
+        """Restart the sweep when it is gone; False when its study is done."""
+        assert self.sweep is not None
+        if self.sweep.poll() is None:
+            return True
+        self.row.exit_codes.add(self.sweep.returncode)
+        if self.done():
+            return False
+        self.row.restarts += 1
+        self.sweep = sweeper(self.path)
+        return True
+
+
+def kill_rounds(storage: str, url: str, folder: Path, kills: int, rng: random.Random) -> Row:
+    """kill -9 of a random process of the sweep, again and again, restarting it when gone."""
+    row = Row(storage, "kill -9 (supervisor, worker or trial)")
+    rounds = Rounds(storage, url, folder, row)
+    while row.faults < kills:
+        if not rounds.poll():
+            finish(row, rounds.path, rounds.url, rounds.name, rounds.db)
+            rounds.next_study()
+        time.sleep(rng.uniform(1.0, 6.0))
+        assert rounds.sweep is not None
+        family = descendants(rounds.sweep.pid)
+        role = rng.choice(["supervisor", "worker", "trial"])
+        pool = {
+            "supervisor": [rounds.sweep.pid],
+            "worker": [p for p, d in family.items() if d == 1],
+            "trial": [p for p, d in family.items() if d == 2],
+        }[role] or [rounds.sweep.pid]
+        fault_at = dt.datetime.now()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rng.choice(pool), signal.SIGKILL)
+        row.faults += 1
+        row.worst_gap_s = max(
+            row.worst_gap_s, wait_gap(rounds.url, rounds.name, fault_at, rounds.poll)
+        )
+    assert rounds.sweep is not None
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(rounds.sweep.pid, signal.SIGKILL)
+    rounds.sweep.wait()
+    row.restarts += 1
+    finish(row, rounds.path, rounds.url, rounds.name, rounds.db)
+    row.fault += f"; {rounds.count} studies of {N_TRIALS}"
+    return row
+
+
+def fault_sweep(
+    storage: str,
+    url: str,
+    folder: Path,
+    label: str,
+    inject: Any = None,
+    prefix: list[str] | None = None,
+    **study: Any,
+) -> Row:
+    """One sweep with a fault built into its trials or injected mid-sweep."""
+    name = f"fault-{storage}-{uuid.uuid4().hex[:6]}"
+    db = folder / name / f"{name}.db" if storage == "sqlite" else None
+    sub = folder / name
+    sub.mkdir()
+    shutil.copy(TASK, sub / "tiny_task.py")
+    path = study_file(sub, name, url if storage != "sqlite" else None, **study)
+    url = url if storage != "sqlite" else f"sqlite:///{db}"
+    row = Row(storage, label, faults=1)
+    sweep = sweeper(path, prefix)
+    if inject is not None:
+        while len([t for t in trials_of(url, name) if t.state in FINISHED]) < 3:
+            time.sleep(0.2)
+        fault_at = dt.datetime.now()
+        inject(sweep, sub)
+        _, err = sweep.communicate(timeout=900)
+        row.exit_codes.add(sweep.returncode)
+        if sweep.returncode != 0:
+            row.message = err.strip().splitlines()[-1][:160] if err.strip() else ""
+            row.restarts += 1
+        else:
+            row.worst_gap_s = wait_gap(url, name, fault_at, deadline=1)
+    else:
+        _, err = sweep.communicate(timeout=900)
+        row.exit_codes.add(sweep.returncode)
+        reasons = {
+            str(t.user_attrs.get("stop_reason"))
+            for t in trials_of(url, name)
+            if t.state == TrialState.FAIL
+        }
+        row.message = "; ".join(sorted(r[:70] for r in reasons))[:160]
+    return finish(row, path, url, name, db)
+
+
+def terminate_connections(url: str) -> Any:
+    def inject(sweep: subprocess.Popen[str], folder: Path) -> None:
+        import psycopg
+
+        database = url.rsplit("/", 1)[1]
+        with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            )
+
+    return inject
+
+
+def read_only_folder(sweep: subprocess.Popen[str], folder: Path) -> None:
+    """Remount the study's folder read-only inside the sweep's own mount namespace."""
+    inner = next(p for p, d in descendants(sweep.pid).items() if d == 1)
+    subprocess.run(
+        ["nsenter", "-t", str(inner), "-m", "mount", "-o", "remount,bind,ro", str(folder)],
+        check=True,
+    )
+
+
+def postgres_database() -> str | None:
+    try:
+        import psycopg
+
+        name = f"sweeper_chaos_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(f"{SERVER}/postgres", autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f"CREATE DATABASE {name}")
+        return f"{SERVER}/{name}"
+    except Exception as exc:  # no server: say so in the table, run SQLite only
+        print(f"no PostgreSQL at {SERVER}: {exc}", file=sys.stderr)
+        return None
+
+
+def drop(url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--kills", type=int, default=60, help="kill -9 in all, split over storages"
+    )
+    parser.add_argument("--storages", nargs="+", default=["sqlite", "postgres"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-faults", action="store_true")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    rows: list[Row] = []
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="sweeper-chaos-") as tmp:
+        folder = Path(tmp)
+        shutil.copy(TASK, folder / "tiny_task.py")
+        for storage in args.storages:
+            url = postgres_database() if storage == "postgres" else "sqlite"
+            if url is None:
+                continue
+            try:
+                rows.append(
+                    kill_rounds(storage, url, folder, args.kills // len(args.storages), rng)
+                )
+                if args.no_faults:
+                    continue
+                rows.append(
+                    fault_sweep(
+                        storage,
+                        url,
+                        folder,
+                        "a trial hangs (trial_timeout = 6)",
+                        search={"hang_above": 0.07},
+                        resources={"trial_timeout": 6},
+                    )
+                )
+                rows.append(
+                    fault_sweep(
+                        storage,
+                        url,
+                        folder,
+                        "a trial calls os.abort()",
+                        search={"abort_above": 0.07},
+                    )
+                )
+                rows.append(
+                    fault_sweep(
+                        storage,
+                        url,
+                        folder,
+                        "a trial runs out of memory (RLIMIT_AS)",
+                        search={"oom_above": 0.07},
+                    )
+                )
+                if storage == "postgres":
+                    rows.append(
+                        fault_sweep(
+                            storage,
+                            url,
+                            folder,
+                            "every connection terminated",
+                            inject=terminate_connections(url),
+                        )
+                    )
+                elif os.geteuid() == 0 and shutil.which("unshare") and shutil.which("nsenter"):
+                    rows.append(read_only_row(folder, url))
+            finally:
+                if storage == "postgres" and url is not None:
+                    drop(url)
+    print_table(rows, time.monotonic() - began)
+
+
+def read_only_row(folder: Path, url: str) -> Row:
+    """The sweep runs in a mount namespace where its folder is a bind mount we can remount."""
+    sub = folder / f"ro-{uuid.uuid4().hex[:6]}"
+    sub.mkdir()
+    script = f"mount --bind '{sub}' '{sub}' && exec \"$@\""
+    prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+    return fault_sweep_in(sub, prefix)
+
+
+def fault_sweep_in(sub: Path, prefix: list[str]) -> Row:
+    name = "readonly"
+    shutil.copy(TASK, sub / "tiny_task.py")
+    path = study_file(sub, name, None)
+    db = sub / f"{name}.db"
+    url = f"sqlite:///{db}"
+    row = Row("sqlite", "the study's folder turned read-only", faults=1)
+    sweep = sweeper(path, prefix)
+    while len([t for t in trials_of(url, name) if t.state in FINISHED]) < 3:
+        time.sleep(0.2)
+    read_only_folder(sweep, sub)
+    _, err = sweep.communicate(timeout=900)
+    row.exit_codes.add(sweep.returncode)
+    row.message = err.strip().splitlines()[-1][:160] if err.strip() else ""
+    row.restarts += 1
+    return finish(row, path, url, name, db)
+
+
+def print_table(rows: list[Row], seconds: float) -> None:
+    head = (
+        "| storage | fault | faults | restarts | finished | lost | duplicated | stuck | "
+        "integrity | worst fault-to-trial s | exit codes | message |"
+    )
+    print(head)
+    print("|" + " --- |" * head.count(" | ") + " --- |")
+    for r in rows:
+        print(
+            f"| {r.storage} | {r.fault} | {r.faults} | {r.restarts} | {r.finished}/{N_TRIALS} | "
+            f"{r.lost} | {r.duplicated} | {r.stuck} | {r.integrity} | {r.worst_gap_s:.1f} | "
+            f"{','.join(map(str, sorted(r.exit_codes)))} | {r.message.replace('|', '/')} |"
+        )
+    kills = sum(r.faults for r in rows if r.fault.startswith("kill"))
+    print(f"\n{kills} kills, {len(rows)} rows, {seconds / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
