@@ -151,42 +151,42 @@ class NightLock:
 
     def acquire(self, emit: Callable[[str], None]) -> dict[str, Any] | None:
         """None once held; otherwise the holder's record (empty when it left none)."""
-        with _gate(self.path.parent):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            if not self._flock(fd):
-                holder = _holder(fd)
-                os.close(fd)
-                if not _gone(holder):
-                    return holder
-                # Whatever still holds the old file keeps it; nothing looks at it again.
-                os.unlink(self.path)
-                emit(
-                    f"took over {self.path}: its holder, process {holder['pid']} on "
-                    f"{holder['host']}, is gone"
-                )
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                if not self._flock(fd):
-                    os.close(fd)
-                    return {}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(_this_process()) + "\n").encode(), 0)
-            self._fd = fd
-        return None
+        try:
+            with _gate(self.path.parent):
+                holder = self._try()
+                if holder is not None and _gone(holder):
+                    # Whatever still holds the old file keeps it; nothing reads it again.
+                    os.unlink(self.path)
+                    emit(
+                        f"took over {self.path}: its holder, process {holder['pid']} on "
+                        f"{holder['host']}, is gone"
+                    )
+                    holder = self._try()
+                return holder
+        except OSError as exc:
+            raise SweeperError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # the record stays: it names the last holder
             self._fd = None
 
-    def _flock(self, fd: int) -> bool:
+    def _try(self) -> dict[str, Any] | None:
+        """Take the flock and write this process's record (None), or read the holder's."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(_this_process()) + "\n").encode(), 0)
         except BlockingIOError:
-            return False
-        except OSError as exc:
+            holder = _holder(fd)
             os.close(fd)
-            raise SweeperError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
-        return True
+            return holder
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return None
 
 
 @contextlib.contextmanager
