@@ -266,3 +266,24 @@ def test_a_task_that_exits_at_import_is_an_error_not_a_success(study_dir: StudyD
         assert result.returncode == 2, result.stdout + result.stderr
         assert "importing 'quitter' called sys.exit(0)" in result.stderr
     assert study_dir.created() == []
+
+
+def test_a_worker_killed_mid_sweep_is_started_again_and_its_trial_retried(
+    study_dir: StudyDir,
+) -> None:
+    from tests.test_sweep import descendants
+
+    sweep = start_slow_sweep(study_dir)
+    victim = wait_for(lambda: running_with_pid(study_dir), what="a running trial")[0]
+    worker = next(p for p in descendants(sweep.pid) if victim.user_attrs["pid"] in descendants(p))
+    os.kill(worker, signal.SIGKILL)
+    out, err = sweep.communicate(timeout=300)
+    assert sweep.returncode == 0, out + err
+    trials = load(study_dir).get_trials()
+    assert finished(trials) == 4
+    lost = trials[victim.number]
+    assert lost.state == TrialState.FAIL
+    assert lost.user_attrs["stop_reason"] == "interrupted: its process ended before the trial did"
+    assert [t.params for t in trials if t.system_attrs.get("failed_trial") == victim.number] == [
+        victim.params
+    ]

@@ -23,6 +23,9 @@ from sweeper.run.worker import EXIT_BAD_INPUT
 STOP_GRACE = 30.0
 """Seconds workers get to record their trials after a stop before they are killed."""
 
+RESPAWNS = 5
+"""Times one slot's worker is started again after a signal killed it (OOM killer, kill -9)."""
+
 
 def worker_command(
     study_file: Path,
@@ -82,25 +85,29 @@ class Sweep:
     night: dt.date | None = None
     since: int | None = None
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    respawned: dict[int, int] = field(default_factory=dict)
     stopping: bool = False
 
     def start(self) -> None:
         """Start one worker per slot, each in its own session, logging to a file."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for slot in self.slots:
-            cmd, env = worker_command(
-                self.study_file, slot, self.n_trials, os.environ, self.night, self.since
-            )
-            log: IO[bytes] = open(self.log_path(slot), "ab")  # noqa: SIM115 - child owns it
-            self.processes[slot.index] = subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            log.close()
+            self._spawn(slot)
+
+    def _spawn(self, slot: Slot) -> None:
+        cmd, env = worker_command(
+            self.study_file, slot, self.n_trials, os.environ, self.night, self.since
+        )
+        log: IO[bytes] = open(self.log_path(slot), "ab")  # noqa: SIM115 - child owns it
+        self.processes[slot.index] = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
 
     def log_path(self, slot: Slot) -> Path:
         return self.log_dir / f"slot-{slot.index}.log"
@@ -109,7 +116,9 @@ class Sweep:
         """Wait for every worker, calling ``tick`` between checks.
 
         ``tick`` returns a reason to stop the sweep (trials failing
-        systematically or too often) or None. A worker that fails makes the
+        systematically or too often) or None. A worker killed by a signal is
+        started again (its trial is then found orphaned and retried), up to
+        ``RESPAWNS`` times a slot; a worker that fails otherwise makes the
         others stop.
         """
         while self.processes:
@@ -122,6 +131,11 @@ class Sweep:
                 if code is None:
                     continue
                 del self.processes[index]
+                killed = code < 0 and self.respawned.get(index, 0) < RESPAWNS
+                if killed and not self.stopping:
+                    self.respawned[index] = self.respawned.get(index, 0) + 1
+                    self._spawn(self.slots[index])
+                    continue
                 if code != 0 and not self.stopping:
                     self.stop()
                     log = self.log_path(self.slots[index])
