@@ -280,7 +280,8 @@ import fcntl, json, os, socket, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 start = int(open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[19])
-record = {"pid": os.getpid(), "start": start, "host": socket.gethostname()}
+record = {"pid": os.getpid(), "start": start, "host": socket.gethostname(),
+          "pid_namespace": os.readlink("/proc/self/ns/pid")}
 os.write(fd, json.dumps(record).encode())
 child = os.fork()
 if child == 0:  # keeps the inherited lock after its parent is gone, for a while
@@ -320,11 +321,13 @@ def test_a_live_holder_keeps_the_lock_and_a_reused_pid_does_not(tmp_path: Path) 
     path = tmp_path / "nightly.lock"
     first, second = NightLock(path), NightLock(path)
     assert first.acquire(said.append) is None
-    me = {"pid": os.getpid(), "start": process_start(os.getpid()), "host": socket.gethostname()}
+    me = json.loads(path.read_text())
+    assert me["pid"] == os.getpid() and me["start"] == process_start(os.getpid())
     assert second.acquire(said.append) == me and said == []
-    elsewhere = me | {"host": "elsewhere", "pid": 2**22 + 1}
-    path.write_text(json.dumps(elsewhere))
-    assert second.acquire(said.append) == elsewhere and said == [], "kept: it may be alive"
+    for other in ({"host": "elsewhere"}, {"pid_namespace": "pid:[1]"}):
+        unseen = me | other | {"pid": 2**22 + 1}  # a pid this process cannot judge
+        path.write_text(json.dumps(unseen))
+        assert second.acquire(said.append) == unseen and said == [], "kept: it may be alive"
     if me["start"] is not None:  # the pid is in use again, by a process started later
         path.write_text(json.dumps(me | {"start": me["start"] - 1}))
         assert second.acquire(said.append) is None

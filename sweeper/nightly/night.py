@@ -202,7 +202,20 @@ def _gate(folder: Path) -> Iterator[None]:
 
 def _this_process() -> dict[str, Any]:
     pid = os.getpid()
-    return {"pid": pid, "start": process_start(pid), "host": socket.gethostname()}
+    return {
+        "pid": pid,
+        "start": process_start(pid),
+        "host": socket.gethostname(),
+        "pid_namespace": _pid_namespace(),
+    }
+
+
+def _pid_namespace() -> str | None:
+    """Containers sharing a host name and a folder still see different pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def process_start(pid: int) -> int | None:
@@ -225,8 +238,13 @@ def _holder(fd: int) -> dict[str, Any]:
 
 
 def _gone(holder: dict[str, Any]) -> bool:
-    """Whether the process in ``holder`` has ended (only known for a process on this host)."""
-    if not holder or holder.get("host") != socket.gethostname() or holder["pid"] <= 0:
+    """Whether the process in ``holder`` has ended (only known for one whose pids we see)."""
+    if not holder or holder["pid"] <= 0:
+        return False
+    if (holder.get("host"), holder.get("pid_namespace")) != (
+        socket.gethostname(),
+        _pid_namespace(),
+    ):
         return False
     start = process_start(holder["pid"])
     if start is not None:  # a pid in use again is another process
