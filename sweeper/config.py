@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,28 +26,65 @@ SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "grid")
 INTERNAL = ("path", "night")
 """StudyConfig fields that are not keys of the study file."""
 PRUNERS = ("median", "percentile", "hyperband", "asha", "threshold", "none")
+NAME_MAX = 100
+"""Longest study name: it names files and folders, with a night's date added."""
+LARGEST = 2**53
+"""Largest integer a study file may hold: JSON (the dashboard) keeps no larger one exactly."""
+MAX_BYTES = 2**20
+"""Largest study file read: a study file is a few kilobytes; /dev/zero is endless."""
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+_STRICT = ConfigDict(frozen=True, strict=True, allow_inf_nan=False)
+"""No coercion: ``true`` is not 1 and ``"3"`` is not 3; floats take ints, not nan or inf."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", **_STRICT)
 
 
 class StudySection(_Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
+    name: str
     direction: Literal["maximize", "minimize"]
-    metric: str = Field(min_length=1)
+    metric: str = Field(min_length=1, max_length=200)
     n_trials: PositiveInt
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     storage: str | None = None
     keep_weights: int = Field(default=1, ge=0)
     max_failures: PositiveInt = 10
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, value: str) -> str:
+        if "@" in value:
+            raise ValueError(
+                "'@' is kept for the studies of nights (<name>@YYYY-MM-DD); choose a name "
+                "without it"
+            )
+        if len(value) > NAME_MAX:
+            raise ValueError(
+                f"at most {NAME_MAX} characters (it names the storage file and the output "
+                f"folder), got {len(value)}"
+            )
+        if not _NAME.match(value):
+            raise ValueError(
+                "letters, digits, '_', '.' and '-' only, beginning with a letter or digit; "
+                f"got {shown(value)}"
+            )
+        return value
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_storage(value)
+        return value
 
 
 class TaskSection(BaseModel):
     """``name`` picks the task; every other key is an option of that task."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-    name: str = Field(min_length=1)
+    model_config = ConfigDict(extra="allow", **_STRICT)
+    name: str = Field(min_length=1, max_length=200)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -56,8 +94,8 @@ class TaskSection(BaseModel):
 class PluginSection(BaseModel):
     """A sampler or pruner: ``name`` plus constructor options."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-    name: str
+    model_config = ConfigDict(extra="allow", **_STRICT)
+    name: str = Field(max_length=200)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -74,9 +112,10 @@ class DivergenceSection(_Section):
 
 
 class ResourcesSection(_Section):
-    devices: Literal["auto", "cpu"] | list[int] = "auto"
-    trials_per_device: PositiveInt = 1
+    devices: Literal["auto", "cpu"] | Annotated[list[int], Field(min_length=1)] = "auto"
+    trials_per_device: PositiveInt = Field(default=1, le=256)
     cpu_workers: PositiveInt = 1
+    """More than the machine's cores are capped at the cores when slots are planned."""
     trial_timeout: PositiveFloat | None = None
 
 
@@ -107,8 +146,14 @@ class ScheduleSection(_Section):
     def _valid_cron(cls, value: str | None) -> str | None:
         from croniter import croniter
 
-        if value is not None and not croniter.is_valid(value):
-            raise ValueError(f"not a valid cron expression: {value!r}")
+        if value is None:
+            return value
+        try:
+            valid = croniter.is_valid(value)
+        except Exception:  # croniter raises several kinds on odd text
+            valid = False
+        if not valid:
+            raise ValueError(f"not a valid cron expression: {shown(value)}")
         return value
 
     @field_validator("timezone")
@@ -118,9 +163,9 @@ class ScheduleSection(_Section):
 
         try:
             zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
             raise ValueError(
-                f"unknown time zone {value!r} (an IANA name such as UTC or Europe/Paris)"
+                f"unknown time zone {shown(value)} (an IANA name such as UTC or Europe/Paris)"
             ) from None
         return value
 
@@ -129,10 +174,20 @@ class ScheduleSection(_Section):
     def _http_url(cls, value: str | None) -> str | None:
         from urllib.parse import urlsplit
 
-        if value is not None:
+        if value is None:
+            return value
+        try:
             parts = urlsplit(value)
-            if parts.scheme not in {"http", "https"} or not parts.netloc:
-                raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+            parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+        except ValueError:
+            raise ValueError("not a valid URL") from None
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL, got {shown(value)}")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                "a user or password in the URL (user:pass@) is never sent; put the token "
+                "in the path or query instead, e.g. https://hooks.example.org/<token>"
+            )
         return value
 
 
@@ -171,10 +226,19 @@ class StudyConfig(_Section):
         url = self.study.storage
         if url is None:
             return f"sqlite:///{self.folder / self.study.name}.db"
-        prefix = "sqlite:///"
-        if url.startswith(prefix) and not url[len(prefix) :].startswith("/"):
-            return f"{prefix}{(self.folder / url[len(prefix) :]).resolve()}"
-        return url
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+        database = parsed.database
+        if (
+            parsed.get_backend_name() != "sqlite"
+            or not database
+            or database.startswith("file:")
+            or Path(database).is_absolute()
+        ):
+            return url
+        resolved = parsed.set(database=str((self.folder / database).resolve()))
+        return resolved.render_as_string(hide_password=False)
 
     @property
     def base_name(self) -> str:
@@ -193,17 +257,30 @@ def load_config(path: str | Path, *, n_trials: int | None = None) -> StudyConfig
     """Read and validate a study file; ``n_trials`` overrides ``[study] n_trials``."""
     path = Path(path).resolve()
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as handle:
+            data = handle.read(MAX_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such study file") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a folder, not a study file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the study file: {exc.strerror}") from None
+    if len(data) > MAX_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_BYTES // 2**20} MiB; not a study file")
+    text = utf8_text(data, path)
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except ValueError:  # int() refuses integers of more than 4300 digits
+        raise ConfigError(f"{path}: invalid TOML: a number too long to read") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
     if n_trials is not None:
         if n_trials < 1:
             raise ConfigError(f"--n-trials must be at least 1, got {n_trials}")
-        raw.setdefault("study", {})["n_trials"] = n_trials
+        if isinstance(raw.setdefault("study", {}), dict):  # else validation says what is wrong
+            raw["study"]["n_trials"] = n_trials
     return parse_config(raw, path)
 
 
@@ -214,6 +291,7 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> StudyConfig:
     for internal in INTERNAL:
         if internal in raw:
             raise ConfigError(_unknown(path, internal, StudyConfig))
+    _check_numbers(path, raw, "")
     try:
         config = StudyConfig.model_validate({**raw, "path": path})
     except ValidationError as exc:
@@ -228,11 +306,76 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> StudyConfig:
     return config
 
 
+def utf8_text(data: bytes, path: Path) -> str:
+    """A file's bytes as text, or a ConfigError naming the first byte that is not UTF-8.
+
+    A byte-order mark, as some editors write, is dropped.
+    """
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}, line {line}: "
+            f"{data[exc.start : exc.start + 1]!r}); save it as UTF-8"
+        ) from None
+
+
+def shown(value: Any, width: int = 60) -> str:
+    """``repr(value)``, shortened to about ``width`` characters for a one-line message."""
+    text = repr(value)
+    if len(text) <= width:
+        return text
+    return f"{text[: width - 1]}… ({len(text)} characters)"
+
+
+def _check_storage(url: str) -> None:
+    """Refuse a storage URL SQLAlchemy cannot parse, of an unknown database, or in memory."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # ArgumentError, ValueError; the URL may hold a password: not shown
+        raise ValueError(
+            "not a database URL; give e.g. sqlite:///study.db or postgresql://host/db"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite" and (
+        parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory"
+    ):
+        raise ValueError(
+            "an in-memory SQLite database cannot be shared by workers (each would have its "
+            "own); give a file, e.g. sqlite:///study.db"
+        )
+    try:
+        parsed.get_dialect()
+    except Exception:  # NoSuchModuleError, or a dialect that fails to load
+        hint = "; write postgresql://" if backend == "postgres" else ""
+        raise ValueError(
+            f"unknown database {shown(backend)}{hint}; use sqlite, postgresql or mysql"
+        ) from None
+
+
+def _check_numbers(path: Path, raw: Any, key: str) -> None:
+    """Refuse integers beyond ±2**53 anywhere in the file, naming the key."""
+    if isinstance(raw, Mapping):
+        for name, value in raw.items():
+            _check_numbers(path, value, f"{key}.{name}" if key else str(name))
+    elif isinstance(raw, list):
+        for item in raw:
+            _check_numbers(path, item, key)
+    elif isinstance(raw, int) and not isinstance(raw, bool) and abs(raw) > LARGEST:
+        raise ConfigError(
+            f"{path}: {key}: {shown(raw, 40)} is out of range; numbers in a study file stay "
+            "within ±2**53"
+        )
+
+
 def _check_plugin(path: Path, section: str, name: str, known: Sequence[str]) -> None:
     if name not in known:
         raise ConfigError(
-            f"{path}: {section}.name: unknown {section} {name!r}{_did_you_mean(name, known)}; "
-            f"choose one of {', '.join(known)}"
+            f"{path}: {section}.name: unknown {section} {shown(name)}"
+            f"{_did_you_mean(name, known)}; choose one of {', '.join(known)}"
         )
 
 
@@ -252,10 +395,12 @@ def _describe(path: Path, exc: ValidationError) -> str:
     if loc and loc[-1] in {"literal['auto','cpu']", "list[int]"}:
         key = ".".join(loc[:-1])
     if loc and loc[0] == "resources" and len(loc) >= 2 and loc[1] == "devices":
-        return f'{path}: resources.devices: must be "auto", "cpu" or a list of GPU indices'
+        return (
+            f'{path}: resources.devices: must be "auto", "cpu" or a non-empty list of GPU indices'
+        )
     value = error.get("input")
-    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
-    return f"{path}: {key}: {error['msg']}{shown}"
+    got = f" (got {shown(value)})" if not isinstance(value, dict) else ""
+    return f"{path}: {key}: {error['msg']}{got}"
 
 
 def _model_at(loc: list[str]) -> type[BaseModel]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from optuna.distributions import (
     distribution_to_json,
 )
 
+from sweeper.config import shown
 from sweeper.errors import ConfigError
 
 _RANGE_KEYS = ("low", "high", "log", "step")
@@ -71,25 +73,37 @@ def _distribution(key: str, entry: Mapping[str, Any]) -> BaseDistribution:
             raise ConfigError(
                 f"{key}: a range needs 'low' and 'high' (or give 'choices'); '{bound}' is missing"
             )
-        if isinstance(entry[bound], bool) or not isinstance(entry[bound], int | float):
-            raise ConfigError(f"{key}.{bound}: must be a number, got {entry[bound]!r}")
+        if not _finite(entry[bound]):
+            raise ConfigError(f"{key}.{bound}: must be a number, got {shown(entry[bound])}")
     low, high = entry["low"], entry["high"]
     log = entry.get("log", False)
     step = entry.get("step")
     if not isinstance(log, bool):
-        raise ConfigError(f"{key}.log: must be true or false, got {log!r}")
+        raise ConfigError(f"{key}.log: must be true or false, got {shown(log)}")
     if low >= high:
         raise ConfigError(f"{key}: low must be below high, got low={low!r} and high={high!r}")
     if log and low <= 0:
         raise ConfigError(f"{key}: a log range needs low > 0, got low={low!r}")
     if step is not None:
-        if isinstance(step, bool) or not isinstance(step, int | float) or step <= 0:
-            raise ConfigError(f"{key}.step: must be a positive number, got {step!r}")
+        if not _finite(step) or step <= 0:
+            raise ConfigError(f"{key}.step: must be a positive number, got {shown(step)}")
         if log:
             raise ConfigError(f"{key}: 'step' and 'log = true' cannot be used together")
+        if step > high - low:
+            raise ConfigError(
+                f"{key}.step: {step!r} is larger than the range from {low!r} to {high!r}, "
+                "which would hold a single value; give a smaller step, or a fixed value"
+            )
     if isinstance(low, int) and isinstance(high, int) and (step is None or isinstance(step, int)):
         return IntDistribution(low, high, log=log, step=step or 1)
     return FloatDistribution(float(low), float(high), log=log, step=step)
+
+
+def _finite(value: Any) -> bool:
+    """A number that bounds a range: no boolean, nan or infinity."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def _categorical(key: str, entry: Mapping[str, Any]) -> BaseDistribution:
@@ -98,12 +112,14 @@ def _categorical(key: str, entry: Mapping[str, Any]) -> BaseDistribution:
         raise ConfigError(f"{key}.{extra[0]}: 'choices' takes no other keys")
     choices = entry["choices"]
     if not isinstance(choices, list) or not choices:
-        raise ConfigError(f"{key}.choices: must be a non-empty list, got {choices!r}")
+        raise ConfigError(f"{key}.choices: must be a non-empty list, got {shown(choices)}")
     for choice in choices:
         if not isinstance(choice, bool | int | float | str):
             raise ConfigError(f"{key}.choices: each choice must be a number, string or boolean")
+        if isinstance(choice, float) and not math.isfinite(choice):
+            raise ConfigError(f"{key}.choices: {choice!r} is not a choice a trial can record")
     if len(set(map(repr, choices))) != len(choices):
-        raise ConfigError(f"{key}.choices: choices must be distinct, got {choices!r}")
+        raise ConfigError(f"{key}.choices: choices must be distinct, got {shown(choices)}")
     return CategoricalDistribution(choices)
 
 

@@ -95,3 +95,25 @@ def test_grid_lists_every_value() -> None:
 def test_more_bad_entries(entry: dict) -> None:
     with pytest.raises(ConfigError, match=r"study.toml: search\.x"):
         parse_space({"x": entry}, PATH)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"low": 4, "high": 32, "step": 64}, r"search\.x\.step: 64 is larger than the range"),
+        ({"low": 0.0, "high": 0.1, "step": 0.5}, r"search\.x\.step: 0\.5 is larger than"),
+        ({"low": 1, "high": 2, "step": float("inf")}, r"search\.x\.step: must be a positive"),
+        ({"low": 1, "high": 2, "step": float("nan")}, r"search\.x\.step: must be a positive"),
+        ({"low": float("nan"), "high": 1.0}, r"search\.x\.low: must be a number, got nan"),
+        ({"low": 0.0, "high": float("inf")}, r"search\.x\.high: must be a number, got inf"),
+        ({"choices": [1.0, float("nan")]}, r"search\.x\.choices: nan is not a choice"),
+    ],
+)
+def test_a_range_that_collapses_or_is_not_finite_is_refused(entry: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_space({"x": entry}, PATH)
+
+
+def test_a_step_as_wide_as_the_range_keeps_both_ends() -> None:
+    space = parse_space({"x": {"low": 4, "high": 32, "step": 28}}, PATH)
+    assert space.distributions["x"] == IntDistribution(4, 32, step=28)
