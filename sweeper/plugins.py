@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
@@ -22,9 +23,9 @@ from optuna.distributions import BaseDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from sweeper.config import StudyConfig
+from sweeper.config import StudyConfig, shown
 from sweeper.errors import ConfigError
-from sweeper.space import grid_space
+from sweeper.space import grid_space, parse_space
 from sweeper.store._compat import gp_sampler_seeing
 
 
@@ -60,39 +61,49 @@ DivergenceAwareGPSampler = gp_sampler_seeing(diverged_as_worst)
 
 def sampler_for(config: StudyConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
     """The configured sampler; ``seed`` defaults to the study seed."""
-    seed = config.study.seed if seed is None else seed
-    name, options = config.sampler.name, config.sampler.options
-    samplers = optuna.samplers
-    if name == "grid":
-        return _build(
-            config,
-            "sampler",
-            samplers.GridSampler,
-            {"seed": seed, **options},
-            grid_space(config.search, config.path),
-        )
-    factory = {
-        "tpe": samplers.TPESampler,
-        "random": samplers.RandomSampler,
-        "gp": DivergenceAwareGPSampler,
-        "cmaes": samplers.CmaEsSampler,
-        "qmc": samplers.QMCSampler,
-    }[name]
-    return _build(config, "sampler", factory, {"seed": seed, **options})
+    factory, args, base = _factory(config, "sampler")
+    if seed is not None:
+        base["seed"] = seed
+    return _build(config, "sampler", factory, {**base, **config.sampler.options}, *args)
 
 
 def pruner_for(config: StudyConfig) -> optuna.pruners.BasePruner:
     """The configured pruner (``[pruner]``), with its options."""
-    pruners = optuna.pruners
-    factory = {
-        "median": pruners.MedianPruner,
-        "percentile": pruners.PercentilePruner,
-        "hyperband": pruners.HyperbandPruner,
-        "asha": pruners.SuccessiveHalvingPruner,
-        "threshold": pruners.ThresholdPruner,
-        "none": pruners.NopPruner,
-    }[config.pruner.name]
-    return _build(config, "pruner", factory, config.pruner.options)
+    factory, args, base = _factory(config, "pruner")
+    return _build(config, "pruner", factory, {**base, **config.pruner.options}, *args)
+
+
+def _factory(config: StudyConfig, section: str) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """The class of the configured sampler or pruner, its positional and default arguments."""
+    if section == "pruner":
+        pruners = optuna.pruners
+        return (
+            {
+                "median": pruners.MedianPruner,
+                "percentile": pruners.PercentilePruner,
+                "hyperband": pruners.HyperbandPruner,
+                "asha": pruners.SuccessiveHalvingPruner,
+                "threshold": pruners.ThresholdPruner,
+                "none": pruners.NopPruner,
+            }[config.pruner.name],
+            (),
+            {},
+        )
+    samplers = optuna.samplers
+    seed = {"seed": config.study.seed}
+    if config.sampler.name == "grid":
+        return samplers.GridSampler, (grid_space(config.search, config.path),), seed
+    return (
+        {
+            "tpe": samplers.TPESampler,
+            "random": samplers.RandomSampler,
+            "gp": DivergenceAwareGPSampler,
+            "cmaes": samplers.CmaEsSampler,
+            "qmc": samplers.QMCSampler,
+        }[config.sampler.name],
+        (),
+        seed,
+    )
 
 
 def _build(
@@ -102,6 +113,15 @@ def _build(
     options: dict[str, Any],
     *args: Any,
 ) -> Any:
+    _check_known(config, section, factory, options)
+    try:
+        with _quiet_experimental():
+            return factory(*args, **options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{config.path}: {section}: {_one_line(exc)}") from None
+
+
+def _check_known(config: StudyConfig, section: str, factory: Any, options: dict[str, Any]) -> None:
     known = [p for p in inspect.signature(factory).parameters if p not in {"search_space", "self"}]
     for key in options:
         if key not in known:
@@ -110,11 +130,6 @@ def _build(
             raise ConfigError(
                 f"{config.path}: {section}.{key}: not an option of {factory.__name__}{hint}"
             )
-    try:
-        with _quiet_experimental():
-            return factory(*args, **options)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{config.path}: {section}: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -124,10 +139,201 @@ def _quiet_experimental() -> Iterator[None]:
         yield
 
 
+SEEDED_MAX = 12
+"""Most finished trials put into the study that exercises the sampler and pruner."""
+ASKED = 2
+"""Trials the exercised sampler proposes and the pruner judges, after the seeded ones."""
+_STARTUP_KEYS = ("n_startup_trials", "n_min_trials")
+_STEPS = 10_000
+"""Options of steps (``n_warmup_steps``) up to this are reached by the reported steps."""
+
+
 def check_plugins(config: StudyConfig) -> None:
-    """Build sampler and pruner once so that bad options fail before anything is written."""
-    sampler_for(config)
-    pruner_for(config)
+    """Build the sampler and pruner and drive them through a few trials; nothing is written.
+
+    Many options are read only while sampling or pruning (``n_startup_trials
+    = "x"`` fails at the first trial after the start-up trials), so they are
+    exercised on an in-memory study with the study's search space: finished
+    trials are put in to get past start-up options, then a few are asked,
+    report intermediate values, are judged by the pruner and told. A failure
+    names the option to blame when one alone fails, else the section.
+    """
+    distributions = parse_space(config.search, config.path).distributions
+    options = {"sampler": config.sampler.options, "pruner": config.pruner.options}
+    for section in ("sampler", "pruner"):
+        factory = _factory(config, section)[0]
+        _check_known(config, section, factory, options[section])
+        _check_types(config, section, factory, options[section])
+    try:
+        _exercise(config, distributions, options)
+    except Exception as exc:  # Optuna raises many kinds on a bad option
+        raise ConfigError(_blame(config, distributions, options, exc)) from None
+
+
+def _check_types(config: StudyConfig, section: str, factory: Any, options: dict[str, Any]) -> None:
+    """An option whose default is a boolean or number takes the same kind of value."""
+    for key, value in options.items():
+        default = inspect.signature(factory).parameters[key].default
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            kind = "a number"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(
+                f"{config.path}: {section}.{key}: must be {kind} (the default is {default!r}), "
+                f"got {shown(value)}"
+            )
+
+
+def _exercise(
+    config: StudyConfig,
+    distributions: dict[str, BaseDistribution],
+    options: dict[str, dict[str, Any]],
+    only: str | None = None,
+) -> None:
+    """Seed finished trials, then ask, report, prune and tell a few; raise what Optuna raises.
+
+    With ``only``, the other section is replaced by a plain one (random sampler, no pruner).
+    """
+    plain: dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]] = {
+        "sampler": (optuna.samplers.RandomSampler, (), {"seed": 0}),
+        "pruner": (optuna.pruners.NopPruner, (), {}),
+    }
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = {}
+            seeded = 0
+            marks = {0, 1, 2}
+            for section in ("sampler", "pruner"):
+                mine = only is None or only == section
+                factory, args, base = _factory(config, section) if mine else plain[section]
+                given = options.get(section, {}) if mine else {}
+                seen = _defaults(factory) | given
+                for key in _STARTUP_KEYS:
+                    if _whole(seen.get(key)):
+                        seeded = max(seeded, min(seen[key], SEEDED_MAX))
+                for key, value in seen.items():
+                    if key.endswith(("_steps", "_resource")) and _whole(value):
+                        marks |= {value, value + 1} if 0 <= value < _STEPS else set()
+                built[section] = factory(*args, **{**base, **given})
+            steps = sorted(marks)
+            direction = config.study.direction
+            seeds = optuna.create_study(
+                direction=direction,
+                sampler=optuna.samplers.RandomSampler(seed=0),
+                pruner=optuna.pruners.NopPruner(),
+            )
+            for number in range(seeded):
+                _run(seeds, distributions, steps, number)
+            study = optuna.create_study(
+                direction=direction, sampler=built["sampler"], pruner=built["pruner"]
+            )
+            study.add_trials(seeds.trials)
+            for number in range(seeded, seeded + ASKED):
+                _run(study, distributions, steps, number)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _defaults(factory: Any) -> dict[str, Any]:
+    return {
+        key: param.default
+        for key, param in inspect.signature(factory).parameters.items()
+        if param.default is not inspect.Parameter.empty
+    }
+
+
+def _run(
+    study: optuna.Study, distributions: dict[str, BaseDistribution], steps: list[int], number: int
+) -> None:
+    """One made-up trial: ask, report at ``steps`` while the pruner lets it, tell."""
+    trial = study.ask(distributions)
+    value = 0.0
+    for step in steps:
+        value = 0.5 + 0.4 * math.sin(1.7 * number + 0.3 * step)
+        trial.report(value, step)
+        if trial.should_prune():
+            study.tell(trial, state=TrialState.PRUNED)
+            return
+    study.tell(trial, value)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _blame(
+    config: StudyConfig,
+    distributions: dict[str, BaseDistribution],
+    options: dict[str, dict[str, Any]],
+    exc: Exception,
+) -> str:
+    """The message for a failed exercise, naming the option to blame when one can be found."""
+
+    def failure(given: dict[str, Any], section: str) -> Exception | None:
+        try:
+            _exercise(config, distributions, {section: given}, only=section)
+        except Exception as error:  # the same many kinds
+            return error
+        return None
+
+    where = config.path
+    for section in ("sampler", "pruner"):
+        given = options[section]
+        error = failure(given, section)
+        if error is None:
+            continue
+        key = _culprit(given, error, _factory(config, section)[0], failure, section)
+        if key is None:
+            return f"{where}: {section}: {_one_line(error)}"
+        text = _one_line(error)
+        value = given[key]
+        said = (repr(value), f"={value}", f"= {value}", f"is {value}")
+        got = "" if any(form in text for form in said) else f" (got {shown(value)})"
+        return f"{where}: {section}.{key}: {text}{got}"
+    return f"{where}: sampler and pruner: {_one_line(exc)}"
+
+
+def _culprit(
+    given: dict[str, Any],
+    error: Exception,
+    factory: Any,
+    failure: Callable[[dict[str, Any], str], Exception | None],
+    section: str,
+) -> str | None:
+    """The one option of ``given`` to blame for ``error``, or None."""
+    if isinstance(error, ImportError) or not given:
+        return None
+    if len(given) == 1:
+        return next(iter(given))
+    for key in given:  # the others work without it
+        if failure({k: v for k, v in given.items() if k != key}, section) is None:
+            return key
+    defaults = _defaults(factory)
+    required = {k: v for k, v in given.items() if k not in defaults}
+    if failure(required, section) is not None:
+        return next(iter(required)) if len(required) == 1 else None
+    for key, value in given.items():  # it fails with the required ones alone
+        if key not in required and failure({**required, key: value}, section) is not None:
+            return key
+    return None
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return f"needs the Python package {exc.name!r}, which is not installed"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, TypeError | KeyError | AttributeError | ZeroDivisionError):
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= 300 else f"{text[:299]}…"
 
 
 def trial_seed(study_seed: int, number: int) -> int:

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sweeper.cli import app
-from tests.conftest import BASE, StudyDir, study, toml_text
+from tests.conftest import BASE, StudyDir, run_sweeper, study, toml_text
 
 runner = CliRunner()
 
@@ -80,7 +80,7 @@ CASES = {
     ),
     "bad pruner option value": (
         study(pruner={"name": "percentile", "percentile": 250.0}),
-        ["pruner:", "percentile"],
+        ["pruner.percentile: Percentile must be between 0 and 100"],
     ),
     "grid without steps": (
         study(sampler={"name": "grid"}, search={"lr": {"low": 0.1, "high": 1.0}}),
@@ -213,3 +213,161 @@ def test_example_studies_are_valid() -> None:
     for path in sorted((Path(__file__).parent.parent / "studies").glob("*.toml")):
         result = runner.invoke(app, ["check", str(path)])
         assert result.exit_code == 0, f"{path}: {result.output}"
+
+
+def refused_for_real(study_dir: StudyDir, path, *fragments: str) -> None:
+    """``sweeper check`` and ``sweeper start`` in a process of their own: exit 2, one line on
+    stderr naming the file and the key, no traceback, nothing written."""
+    for command in ("check", "start"):
+        result = run_sweeper(command, str(path), timeout=120)
+        lines = result.stderr.splitlines()
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert len(lines) == 1 and "Traceback" not in result.stderr, (command, result.stderr)
+        assert "s3cret" not in result.stderr, "a password must not be shown"
+        assert lines[0].startswith(f"error: {path}: "), lines[0]
+        for fragment in fragments:
+            assert fragment in lines[0], (command, lines[0])
+        assert study_dir.created() == [], command
+
+
+HOSTILE = {
+    "n_trials true": (
+        study(study={"n_trials": True}),
+        ["study.n_trials: Input should be a valid integer (got True)"],
+    ),
+    "n_trials as text": (
+        study(study={"n_trials": "3"}),
+        ["study.n_trials: Input should be a valid integer (got '3')"],
+    ),
+    "boolean as a number": (
+        study(divergence={"enabled": 1}),
+        ["divergence.enabled: Input should be a valid boolean (got 1)"],
+    ),
+    "float as text": (
+        study(divergence={"factor": "4.0"}),
+        ["divergence.factor: Input should be a valid number (got '4.0')"],
+    ),
+    "sampler option of the wrong type": (
+        study(sampler={"name": "tpe", "n_startup_trials": "x"}),
+        ["sampler.n_startup_trials: must be a whole number (the default is 10), got 'x'"],
+    ),
+    "sampler option read only after the start-up trials": (
+        study(sampler={"name": "tpe", "n_startup_trials": 2, "n_ei_candidates": 0}),
+        ["sampler.n_ei_candidates:"],
+    ),
+    "pruner option of the wrong type": (
+        study(pruner={"name": "median", "n_warmup_steps": "x"}),
+        ["pruner.n_warmup_steps: must be a whole number (the default is 0), got 'x'"],
+    ),
+    "pruner option without a default, of the wrong type": (
+        study(pruner={"name": "percentile", "percentile": "x", "n_warmup_steps": 1}),
+        ["pruner.percentile: TypeError: '<=' not supported", "(got 'x')"],
+    ),
+    "step larger than its range": (
+        study(search={**BASE["search"], "hidden": {"low": 4, "high": 32, "step": 64}}),
+        ["search.hidden.step: 64 is larger than the range from 4 to 32"],
+    ),
+    "in-memory storage": (
+        study(study={"storage": "sqlite://"}),
+        ["study.storage: an in-memory SQLite database cannot be shared by workers"],
+    ),
+    "in-memory storage by name": (
+        study(study={"storage": "sqlite:///:memory:"}),
+        ["study.storage: an in-memory SQLite database"],
+    ),
+    "storage that is no URL": (
+        study(study={"storage": "postgres at db.example.org"}),
+        ["study.storage: not a database URL"],
+    ),
+    "storage of an unknown database": (
+        study(study={"storage": "oracel://db.example.org/sweeps"}),
+        ["study.storage: unknown database 'oracel'"],
+    ),
+    "name with the nightly '@'": (
+        study(study={"name": "tiny@2024-05-01"}),
+        ["study.name: '@' is kept for the studies of nights"],
+    ),
+    "name too long for a file": (
+        study(study={"name": "n" * 250}),
+        ["study.name: at most 100 characters", "got 250"],
+    ),
+    "notify with user and password": (
+        study(schedule={"notify": "https://bot:s3cret@hooks.example.org/sweeps"}),
+        ["schedule.notify: a user or password in the URL", "put the token in the path or query"],
+    ),
+    "huge integer": (
+        study(resources={"devices": "cpu", "cpu_workers": 10**30}),
+        ["resources.cpu_workers: 1000000000000000000000000000000 is out of range"],
+    ),
+    "empty list of GPUs": (
+        study(resources={"devices": []}),
+        ['resources.devices: must be "auto", "cpu" or a non-empty list of GPU indices'],
+    ),
+    "time zone too long for a file name": (
+        study(schedule={"timezone": "Z" * 300}),
+        ["schedule.timezone: unknown time zone 'ZZZ"],
+    ),
+    "negative seed": (study(study={"seed": -1}), ["study.seed: Input should be greater"]),
+    "nan bound": (
+        study(search={**BASE["search"], "lr": {"low": float("nan"), "high": 1.0}}),
+        ["search.lr.low: must be a number, got nan"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_study_file_is_refused_by_check_and_start(study_dir: StudyDir, name: str) -> None:
+    data, fragments = HOSTILE[name]
+    path = study_dir.write(data)
+    refused_for_real(study_dir, path, *fragments)
+
+
+HOSTILE_TEXT = {
+    "not UTF-8": (
+        toml_text(BASE).encode().replace(b'name = "tiny"', b'name = "tiny" # caf\xe9'),
+        ["not UTF-8 text (byte", "line 2"],
+    ),
+    "integer too long to read": (
+        toml_text(BASE).replace("n_trials = 6", "n_trials = " + "9" * 5000).encode(),
+        ["invalid TOML: a number too long to read"],
+    ),
+    "arrays nested too deeply": (
+        (toml_text(BASE) + "\n[trainer.x]\ny = " + "[" * 5000 + "]" * 5000 + "\n").encode(),
+        ["invalid TOML: arrays or tables nested too deeply"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_TEXT))
+def test_unreadable_study_file_is_refused(study_dir: StudyDir, name: str) -> None:
+    data, fragments = HOSTILE_TEXT[name]
+    path = study_dir.write(BASE)
+    path.write_bytes(data)
+    refused_for_real(study_dir, path, *fragments)
+
+
+def test_utf8_with_a_byte_order_mark_is_read(study_dir: StudyDir) -> None:
+    path = study_dir.write(BASE)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    result = runner.invoke(app, ["check", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_relative_sqlite_storage_is_next_to_the_study_file(study_dir: StudyDir) -> None:
+    from sweeper.config import load_config
+
+    config = load_config(study_dir.write(study(study={"storage": "sqlite:///dbs/s.db?timeout=5"})))
+    assert config.storage_url == f"sqlite:///{study_dir.root.resolve()}/dbs/s.db?timeout=5"
+
+
+def test_n_trials_override_on_a_study_that_is_not_a_table(study_dir: StudyDir) -> None:
+    rest = {key: value for key, value in BASE.items() if key != "study"}
+    path = study_dir.write(text="study = 3\n" + toml_text(rest))
+    result = runner.invoke(app, ["start", str(path), "--n-trials", "2"])
+    assert_refused(study_dir, result, "study: Input should be a valid dictionary")
+
+
+def test_an_endless_file_is_not_read_to_the_end() -> None:
+    result = runner.invoke(app, ["check", "/dev/zero"])
+    assert result.exit_code == 2
+    assert result.stderr == "error: /dev/zero: larger than 1 MiB; not a study file\n"
