@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from sweeper.errors import DeviceError
-from sweeper.run.devices import Slot, plan_slots
+from sweeper.run.devices import Slot, count_cpus, plan, plan_slots
 from sweeper.run.launcher import worker_command
+from tests.conftest import StudyDir, run_sweeper, study
 
 
 def test_auto_without_gpu_uses_cpu_workers_sharing_the_cores() -> None:
@@ -77,3 +78,30 @@ def test_cpu_worker_sees_no_gpu() -> None:
     )
     assert env["CUDA_VISIBLE_DEVICES"] == ""
     assert "--gpu" not in cmd and "--n-trials" not in cmd
+
+
+def test_cpu_workers_are_capped_at_the_cores_with_a_warning() -> None:
+    planned = plan("cpu", gpu_count=0, cpu_count=4, cpu_workers=10_000)
+    assert planned.slots == [Slot(i, None, 1) for i in range(4)]
+    assert planned.warnings == [
+        "resources.cpu_workers = 10000 is more than the 4 cores this process may use; "
+        "running 4 CPU workers"
+    ]
+    assert plan_slots("cpu", gpu_count=0, cpu_count=4, cpu_workers=10_000) == planned.slots
+    assert plan("cpu", gpu_count=0, cpu_count=4, cpu_workers=4).warnings == []
+
+
+def test_never_more_slots_than_trials() -> None:
+    cpu = plan("cpu", gpu_count=0, cpu_count=8, cpu_workers=4, n_trials=2)
+    assert cpu.slots == [Slot(0, None, 4), Slot(1, None, 4)] and cpu.warnings == []
+    gpu = plan_slots("auto", gpu_count=2, cpu_count=8, trials_per_device=4, n_trials=3)
+    assert [(s.index, s.gpu, s.threads) for s in gpu] == [(0, 0, 2), (1, 0, 2), (2, 1, 2)]
+    assert len(plan_slots([1, 0], gpu_count=2, cpu_count=8, n_trials=1)) == 1
+
+
+def test_ten_thousand_cpu_workers_pass_check_as_the_cores(study_dir: StudyDir) -> None:
+    path = study_dir.write(study(resources={"devices": "cpu", "cpu_workers": 10_000}))
+    result = run_sweeper("check", str(path), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"ok; {count_cpus()} slot(s) on cpu" in result.stdout
+    assert study_dir.created() == []

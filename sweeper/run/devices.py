@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from sweeper.errors import DeviceError
@@ -24,22 +24,45 @@ class Slot:
         return "cpu" if self.gpu is None else f"cuda:{self.gpu}"
 
 
-def plan_slots(
+@dataclass(frozen=True)
+class Plan:
+    """The slots of a sweep, and warnings about what was asked for but not planned."""
+
+    slots: list[Slot]
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan(
     devices: Literal["auto", "cpu"] | list[int],
     gpu_count: int,
     cpu_count: int,
     trials_per_device: int = 1,
     cpu_workers: int = 1,
-) -> list[Slot]:
+    n_trials: int | None = None,
+) -> Plan:
     """Split the requested devices into slots.
 
     ``"auto"`` takes every GPU, or the CPU when there is none. Each GPU gets
     ``trials_per_device`` slots; the CPU gets ``cpu_workers`` slots sharing its
-    cores evenly. GPU slots get an even share of the cores for data loading.
+    cores evenly, never more than there are cores (with a warning). GPU slots
+    get an even share of the cores for data loading. No more slots are planned
+    than ``n_trials``: a slot beyond them would never run a trial.
     """
+    cpu_count = max(1, cpu_count)
+    limit = n_trials if n_trials is not None and n_trials >= 1 else None
     if devices == "cpu" or (devices == "auto" and gpu_count == 0):
-        threads = max(1, cpu_count // cpu_workers)
-        return [Slot(index=i, gpu=None, threads=threads) for i in range(cpu_workers)]
+        warnings = []
+        workers = cpu_workers
+        if cpu_workers > cpu_count:
+            workers = cpu_count
+            warnings.append(
+                f"resources.cpu_workers = {cpu_workers} is more than the {cpu_count} cores "
+                f"this process may use; running {cpu_count} CPU workers"
+            )
+        if limit is not None:
+            workers = min(workers, limit)
+        threads = max(1, cpu_count // workers)
+        return Plan([Slot(index=i, gpu=None, threads=threads) for i in range(workers)], warnings)
     gpus = list(range(gpu_count)) if devices == "auto" else list(devices)
     missing = [gpu for gpu in gpus if gpu < 0 or gpu >= gpu_count]
     if missing:
@@ -49,13 +72,27 @@ def plan_slots(
         )
     if len(set(gpus)) != len(gpus):
         raise DeviceError(f"resources.devices: a GPU is listed twice: {gpus}")
+    if not gpus:
+        raise DeviceError("resources.devices: the list of GPUs is empty")
     n_slots = len(gpus) * trials_per_device
+    if limit is not None:
+        n_slots = min(n_slots, limit)
     threads = max(1, cpu_count // n_slots)
-    return [
-        Slot(index=i * trials_per_device + j, gpu=gpu, threads=threads)
-        for i, gpu in enumerate(gpus)
-        for j in range(trials_per_device)
-    ]
+    # Round robin over the GPUs, so that fewer trials than slots still spread out.
+    taken = sorted(k % len(gpus) for k in range(n_slots))
+    return Plan([Slot(index=i, gpu=gpus[k], threads=threads) for i, k in enumerate(taken)])
+
+
+def plan_slots(
+    devices: Literal["auto", "cpu"] | list[int],
+    gpu_count: int,
+    cpu_count: int,
+    trials_per_device: int = 1,
+    cpu_workers: int = 1,
+    n_trials: int | None = None,
+) -> list[Slot]:
+    """The slots of :func:`plan`, without its warnings."""
+    return plan(devices, gpu_count, cpu_count, trials_per_device, cpu_workers, n_trials).slots
 
 
 def count_gpus() -> int:
