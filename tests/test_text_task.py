@@ -294,3 +294,78 @@ def test_jsonl_rows(study_dir: StudyDir, model_dir: Path) -> None:
     _module, data = build(study_dir, model_dir, {}, train="train.jsonl")
     assert len(data.data.train["labels"]) == 40
     assert toml_text({"a": 1})
+
+
+def refused_for_real(study_dir: StudyDir, path: Path, start: str, fragment: str) -> None:
+    """``sweeper check`` and ``sweeper start`` in their own process: exit 2, one line, nothing
+    written."""
+    for command in ("check", "start"):
+        result = run_sweeper(command, str(path), timeout=300)
+        lines = result.stderr.splitlines()
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert len(lines) == 1 and "Traceback" not in result.stderr, (command, result.stderr)
+        assert lines[0].startswith(f"error: {start}"), lines[0]
+        assert fragment in lines[0], lines[0]
+        assert not (study_dir.root / "text.db").exists() and not (study_dir.root / "text").exists()
+
+
+HOSTILE_PARAMS = {
+    "batch size zero": (
+        {"learning_rate": {"low": 1e-3, "high": 1e-2}, "batch_size": 0},
+        "search.batch_size: Input should be greater than or equal to 1 (got 0)",
+    ),
+    "learning rate range below zero": (
+        {"learning_rate": {"low": -1e-3, "high": 1e-3}},
+        "search.learning_rate.low: Input should be greater than 0 (got -0.001)",
+    ),
+    "whole-number choice that is not whole": (
+        {"learning_rate": 1e-3, "batch_size": {"choices": [16, 32.5]}},
+        "search.batch_size.choices: Input should be a valid integer (got 32.5)",
+    ),
+    "whole-number range with a fractional step": (
+        {"learning_rate": 1e-3, "freeze_layers": {"low": 0, "high": 2, "step": 0.5}},
+        "search.freeze_layers.step: freeze_layers takes whole numbers",
+    ),
+    "dropout of one": (
+        {"learning_rate": 1e-3, "dropout": {"low": 0.1, "high": 1.0}},
+        "search.dropout.high: Input should be less than 1 (got 1.0)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_PARAMS))
+def test_bad_parameter_values_are_refused_before_trials_run(
+    study_dir: StudyDir, model_dir: Path, case: str
+) -> None:
+    search, fragment = HOSTILE_PARAMS[case]
+    path = study_dir.write(text_study(study_dir.root, model_dir, search=search))
+    refused_for_real(study_dir, path, f"{path}: ", fragment)
+
+
+def test_task_option_of_the_wrong_type_is_refused(study_dir: StudyDir, model_dir: Path) -> None:
+    path = study_dir.write(text_study(study_dir.root, model_dir, max_length=True))
+    result = runner.invoke(app, ["check", str(path)])
+    assert result.exit_code == 2
+    assert "task.max_length: Input should be a valid integer (got True)" in result.stderr
+    assert not (study_dir.root / "text.db").exists()
+
+
+def test_data_file_that_is_not_utf8_names_the_file_and_line(
+    study_dir: StudyDir, model_dir: Path
+) -> None:
+    path = study_dir.write(text_study(study_dir.root, model_dir))
+    train = study_dir.root / "train.csv"
+    lines = train.read_bytes().split(b"\n")
+    lines[2] = (
+        lines[2].replace(b"good", b"g\xf6od", 1) if b"good" in lines[2] else b"\xff" + lines[2]
+    )
+    train.write_bytes(b"\n".join(lines))
+    refused_for_real(study_dir, path, f"{train}:3: ", "not UTF-8 text (byte")
+
+
+def test_data_file_with_a_byte_order_mark_is_read(study_dir: StudyDir, model_dir: Path) -> None:
+    path = study_dir.write(text_study(study_dir.root, model_dir))
+    val = study_dir.root / "val.csv"
+    val.write_bytes(b"\xef\xbb\xbf" + val.read_bytes())
+    result = runner.invoke(app, ["check", str(path)])
+    assert result.exit_code == 0, result.output

@@ -15,26 +15,38 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sweeper.config import StudyConfig
+from sweeper.config import StudyConfig, shown
 from sweeper.errors import ConfigError, DataError
 from sweeper.run.folds import stratified_folds
 
-DEFAULTS: dict[str, Any] = {
-    "learning_rate": 5e-5,
-    "batch_size": 32,
-    "weight_decay": 0.0,
-    "warmup_ratio": 0.0,
-    "dropout": None,
-    "freeze_layers": 0,
-    "layer_lr_decay": 1.0,
-    "max_epochs": None,
-}
+
+class TextParams(BaseModel):
+    """The searchable parameters of the task, each with its default and its valid values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    learning_rate: float = Field(default=5e-5, gt=0.0)
+    batch_size: int = Field(default=32, ge=1, le=65_536)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    warmup_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    freeze_layers: int = Field(default=0, ge=0)
+    layer_lr_decay: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_epochs: int | None = Field(default=None, ge=1)
+
+
+DEFAULTS: dict[str, Any] = TextParams().model_dump()
 """Searchable parameters and their defaults (None: the model's own, or [trainer]'s)."""
+_WHOLE = {
+    name
+    for name, field in TextParams.model_fields.items()
+    if field.annotation is int or int in get_args(field.annotation)
+}
+"""Parameters that take whole numbers only."""
 
 _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -42,15 +54,15 @@ _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 class TextOptions(BaseModel):
     """``[task]`` of the text-classification task."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     name: str
-    model: str
-    train: str
-    val: str
-    text_column: str = "text"
-    label_column: str = "label"
+    model: str = Field(min_length=1)
+    train: str = Field(min_length=1)
+    val: str = Field(min_length=1)
+    text_column: str = Field(default="text", min_length=1)
+    label_column: str = Field(default="label", min_length=1)
     max_length: int = Field(default=128, ge=2, le=4096)
-    labels: list[str] | None = None
+    labels: list[str] | None = Field(default=None, min_length=1)
 
 
 class TextData:
@@ -141,16 +153,42 @@ def _options(config: StudyConfig) -> TextOptions:
             raise ConfigError(f"{config.path}: task.{key}: unknown key; known: {known}") from None
         if error["type"] == "missing":
             raise ConfigError(f"{config.path}: task.{key}: required key is missing") from None
-        raise ConfigError(f"{config.path}: task.{key}: {error['msg']}") from None
+        raise ConfigError(
+            f"{config.path}: task.{key}: {error['msg']} (got {shown(error.get('input'))})"
+        ) from None
 
 
 def _check_params(config: StudyConfig) -> None:
-    for name in config.search:
+    """Every value a parameter can take, fixed or sampled, is one the task can train with."""
+    for name, entry in config.search.items():
         if name not in DEFAULTS:
             raise ConfigError(
                 f"{config.path}: search.{name}: not a parameter of text-classification; "
                 f"known: {', '.join(DEFAULTS)}"
             )
+        key = f"search.{name}"
+        if not isinstance(entry, dict):
+            _check_value(config, key, name, entry)
+        elif "choices" in entry:
+            for choice in entry["choices"]:
+                _check_value(config, f"{key}.choices", name, choice)
+        else:  # a range: both bounds, and for a whole-number parameter a whole step
+            for bound in ("low", "high"):
+                _check_value(config, f"{key}.{bound}", name, entry[bound])
+            step = entry.get("step")
+            if name in _WHOLE and step is not None and type(step) is not int:
+                raise ConfigError(
+                    f"{config.path}: {key}.step: {name} takes whole numbers, so the step "
+                    f"must be one (got {shown(step)})"
+                )
+
+
+def _check_value(config: StudyConfig, key: str, name: str, value: Any) -> None:
+    try:
+        TextParams.model_validate({name: value})
+    except ValidationError as exc:
+        message = exc.errors()[0]["msg"]
+        raise ConfigError(f"{config.path}: {key}: {message} (got {shown(value)})") from None
 
 
 def _resolve(config: StudyConfig, key: str, value: str) -> Any:
@@ -242,7 +280,18 @@ def _located_rows(config: StudyConfig, key: str, value: str) -> list[tuple[str, 
 
 
 def _read_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        at = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}:{at}: not UTF-8 text (byte {exc.start}: "
+            f"{data[exc.start : exc.start + 1]!r}); save it as UTF-8"
+        ) from None
     rows = []
     if path.suffix.lower() in {".jsonl", ".json"}:
         for number, line in enumerate(text.splitlines(), 1):
@@ -252,10 +301,15 @@ def _read_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
                 rows.append((f"{path.name}:{number}", json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: not a JSON object: {exc.msg}") from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: JSON nested too deeply") from None
         return rows
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    for row in reader:
-        rows.append((f"{path.name}:{reader.line_num}", row))
+    try:
+        for row in reader:
+            rows.append((f"{path.name}:{reader.line_num}", row))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: not CSV: {exc}") from None
     return rows
 
 
