@@ -129,7 +129,10 @@ def check(
     elif findings.errors:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     enforce(findings, config, force=False)
-    slots = validate(config)
+    planned = validate(config)
+    for warning in planned.warnings:
+        err.print(f"warning: {warning}", markup=False)
+    slots = planned.slots
     devices = ", ".join(sorted({slot.device for slot in slots}))
     if as_json:
         sys.stdout.write(json.dumps({**data, "slots": len(slots), "devices": devices}, indent=2))

@@ -226,19 +226,9 @@ class StudyConfig(_Section):
         url = self.study.storage
         if url is None:
             return f"sqlite:///{self.folder / self.study.name}.db"
-        from sqlalchemy.engine import make_url
+        from sweeper.store.open import relative_to
 
-        parsed = make_url(url)
-        database = parsed.database
-        if (
-            parsed.get_backend_name() != "sqlite"
-            or not database
-            or database.startswith("file:")
-            or Path(database).is_absolute()
-        ):
-            return url
-        resolved = parsed.set(database=str((self.folder / database).resolve()))
-        return resolved.render_as_string(hide_password=False)
+        return relative_to(url, self.folder)
 
     @property
     def base_name(self) -> str:
@@ -331,29 +321,9 @@ def shown(value: Any, width: int = 60) -> str:
 
 def _check_storage(url: str) -> None:
     """Refuse a storage URL SQLAlchemy cannot parse, of an unknown database, or in memory."""
-    from sqlalchemy.engine import make_url
+    from sweeper.store.open import usable_url
 
-    try:
-        parsed = make_url(url)
-    except Exception:  # ArgumentError, ValueError; the URL may hold a password: not shown
-        raise ValueError(
-            "not a database URL; give e.g. sqlite:///study.db or postgresql://host/db"
-        ) from None
-    backend = parsed.get_backend_name()
-    if backend == "sqlite" and (
-        parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory"
-    ):
-        raise ValueError(
-            "an in-memory SQLite database cannot be shared by workers (each would have its "
-            "own); give a file, e.g. sqlite:///study.db"
-        )
-    try:
-        parsed.get_dialect()
-    except Exception:  # NoSuchModuleError, or a dialect that fails to load
-        hint = "; write postgresql://" if backend == "postgres" else ""
-        raise ValueError(
-            f"unknown database {shown(backend)}{hint}; use sqlite, postgresql or mysql"
-        ) from None
+    usable_url(url)
 
 
 def _check_numbers(path: Path, raw: Any, key: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from sweeper.config import StudyConfig
 from sweeper.errors import DeviceError, SweepFailed
-from sweeper.run.devices import Slot, count_cpus, count_gpus, plan_slots
+from sweeper.run.devices import Plan, Slot, count_cpus, count_gpus, plan
 
 PUBLISH_EVERY = 10.0
 """Seconds between refreshes of the charts the dashboard shows, while trials finish."""
@@ -32,10 +32,11 @@ class Outcome:
     study: Any
 
 
-def validate(config: StudyConfig) -> list[Slot]:
+def validate(config: StudyConfig) -> Plan:
     """Every check that needs no storage: task import, trainer options, plugins, devices.
 
-    Nothing is created or written; the slots the sweep would use are returned.
+    Nothing is created or written; the slots the sweep would use are returned,
+    with warnings about what was asked for but not planned.
     """
     from sweeper.plugins import check_plugins
     from sweeper.tasks import load_task
@@ -47,15 +48,18 @@ def validate(config: StudyConfig) -> list[Slot]:
     check_plugins(config)
     resources = config.resources
     try:
-        return plan_slots(
+        planned = plan(
             resources.devices,
             gpu_count=count_gpus(),
             cpu_count=count_cpus(),
             trials_per_device=resources.trials_per_device,
             cpu_workers=resources.cpu_workers,
+            n_trials=config.study.n_trials,
         )
     except DeviceError as exc:
         raise DeviceError(f"{config.path}: {exc}") from None
+    planned.warnings[:] = [f"{config.path}: {warning}" for warning in planned.warnings]
+    return planned
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,10 @@ def check(config: StudyConfig, emit: Callable[[str], None], force: bool = False)
     for line in findings.lines():
         emit(line)
     enforce(findings, config, force)
-    return Checked(findings, validate(config))
+    planned = validate(config)
+    for warning in planned.warnings:
+        emit(f"warning: {warning}")
+    return Checked(findings, planned.slots)
 
 
 class Observer:

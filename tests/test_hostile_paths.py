@@ -132,3 +132,12 @@ def test_start_does_not_replay_old_trials_as_new_events(study_dir: StudyDir) -> 
     assert again.returncode == 0, again.stdout + again.stderr
     assert "trial 0 completed" not in again.stdout and "trial 1 " not in again.stdout
     assert "trial 2 " in again.stdout
+
+
+def test_more_cpu_workers_than_cores_is_a_warning_and_capped(study_dir: StudyDir) -> None:
+    path = study_dir.write(study(resources={"devices": "cpu", "cpu_workers": 10000}))
+    result = run_sweeper("check", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    cores = len(os.sched_getaffinity(0))
+    assert f"resources.cpu_workers = 10000 is more than the {cores} cores" in result.stderr
+    assert f"ok; {min(cores, 6)} slot(s) on cpu" in result.stdout

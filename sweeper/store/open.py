@@ -37,6 +37,50 @@ def parse_url(url: str) -> URL:
         raise StorageError(f"not a storage URL: {mask_url(url)} ({exc})") from None
 
 
+def usable_url(url: str) -> None:
+    """Raise ValueError, with the way out, for a URL sweeper cannot keep a study in.
+
+    Unparseable URLs (not shown: they may hold a password), unknown databases,
+    and in-memory SQLite, which workers cannot share.
+    """
+    try:
+        parsed = make_url(url)
+    except Exception:  # ArgumentError, ValueError
+        raise ValueError(
+            "not a database URL; give e.g. sqlite:///study.db or postgresql://host/db"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite" and (
+        parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory"
+    ):
+        raise ValueError(
+            "an in-memory SQLite database cannot be shared by workers (each would have its "
+            "own); give a file, e.g. sqlite:///study.db"
+        )
+    try:
+        parsed.get_dialect()
+    except Exception:  # NoSuchModuleError, or a dialect that fails to load
+        hint = "; write postgresql://" if backend == "postgres" else ""
+        raise ValueError(
+            f"unknown database {backend[:40]!r}{hint}; use sqlite, postgresql or mysql"
+        ) from None
+
+
+def relative_to(url: str, folder: Path) -> str:
+    """The URL with a relative SQLite path made relative to ``folder`` (the study file's)."""
+    parsed = make_url(url)
+    database = parsed.database
+    if (
+        parsed.get_backend_name() != "sqlite"
+        or not database
+        or database.startswith("file:")
+        or Path(database).is_absolute()
+    ):
+        return url
+    resolved = parsed.set(database=str((folder / database).resolve()))
+    return resolved.render_as_string(hide_password=False)
+
+
 def sqlite_path(url: str) -> Path | None:
     """The database file of a SQLite URL, else None (also for in-memory SQLite)."""
     try:
