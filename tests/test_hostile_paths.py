@@ -141,3 +141,10 @@ def test_more_cpu_workers_than_cores_is_a_warning_and_capped(study_dir: StudyDir
     cores = len(os.sched_getaffinity(0))
     assert f"resources.cpu_workers = 10000 is more than the {cores} cores" in result.stderr
     assert f"ok; {min(cores, 6)} slot(s) on cpu" in result.stdout
+
+
+def test_dashboard_addresses_put_ipv6_in_brackets() -> None:
+    from sweeper.results.dashboard import address
+
+    assert address("::1", 8080) == "http://[::1]:8080/"
+    assert address("127.0.0.1", 8080) == "http://127.0.0.1:8080/"

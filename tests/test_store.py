@@ -168,3 +168,36 @@ def test_trial_seeds_are_reproducible_and_distinct() -> None:
     assert seeds == [trial_seed(7, n) for n in range(100)]
     assert len(set(seeds)) == 100
     assert trial_seed(8, 0) != trial_seed(7, 0)
+
+
+def test_a_sampler_that_raises_fails_its_trial_and_stops_with_its_message(
+    study_dir: StudyDir, monkeypatch
+) -> None:
+    import pytest
+
+    import sweeper.plugins
+    from sweeper.store import SamplerFailed
+
+    class Broken(optuna.samplers.RandomSampler):
+        def sample_independent(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            raise ValueError("n_startup_trials must be an int")
+
+    config = make(study_dir)
+    created = create_or_resume(config)
+    monkeypatch.setattr(sweeper.plugins, "sampler_for", lambda *a, **k: Broken())
+    with pytest.raises(SamplerFailed, match="n_startup_trials must be an int"):
+        take(created, config)
+    (trial,) = created.get_trials()
+    assert trial.state == TrialState.FAIL, "no trial is left RUNNING without an owner"
+    assert trial.user_attrs["stop_reason"].startswith("error: the sampler failed: ValueError")
+    assert created.get_trials(states=(TrialState.WAITING,)) == [], "not retried"
+
+
+def test_passwords_are_masked_wherever_they_are_in_a_url() -> None:
+    from sweeper.store import mask_url
+
+    assert mask_url("postgresql://user:secret@db/study") == "postgresql://user:***@db/study"
+    assert mask_url("postgresql://:secret@db/study") == "postgresql://:***@db/study"
+    assert "secret" not in mask_url("postgresql://db/study?password=secret&sslmode=require")
+    assert "sslmode=require" in mask_url("postgresql://db/study?password=secret&sslmode=require")
+    assert mask_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"

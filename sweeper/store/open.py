@@ -104,9 +104,7 @@ def mask_url(url: str) -> str:
     except (ArgumentError, ValueError):
         masked = re.sub(r"(://[^/@]*?:)[^@/]*@", r"\1***@", url)
     else:
-        if parsed.password is not None:
-            parsed = parsed.set(password="***")
-        masked = parsed.render_as_string(hide_password=False)
+        masked = parsed.render_as_string(hide_password=True)
     return re.sub(r"(?i)([?&](?:password|passwd|pwd)=)[^&]*", r"\1***", masked)
 
 
