@@ -20,7 +20,7 @@ from pydantic import (
     field_validator,
 )
 
-from sweeper.errors import ConfigError
+from sweeper.errors import ConfigError, SweeperError
 
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "grid")
 INTERNAL = ("path", "night")
@@ -296,8 +296,8 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> StudyConfig:
     return config
 
 
-def utf8_text(data: bytes, path: Path) -> str:
-    """A file's bytes as text, or a ConfigError naming the first byte that is not UTF-8.
+def utf8_text(data: bytes, path: Path, error: type[SweeperError] = ConfigError) -> str:
+    """A file's bytes as text, or ``error`` naming the file, line and first byte not UTF-8.
 
     A byte-order mark, as some editors write, is dropped.
     """
@@ -305,8 +305,8 @@ def utf8_text(data: bytes, path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(
-            f"{path}: not UTF-8 text (byte {exc.start}, line {line}: "
+        raise error(
+            f"{path}:{line}: not UTF-8 text (byte {exc.start}, line {line}: "
             f"{data[exc.start : exc.start + 1]!r}); save it as UTF-8"
         ) from None
 

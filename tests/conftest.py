@@ -100,3 +100,12 @@ def run_sweeper(*args: str, timeout: float = 300) -> subprocess.CompletedProcess
     return subprocess.run(
         sweeper_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> None:
+    """Bad input as a user sees it: exit 2, one line on stderr, no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    for text in expected:
+        assert text in result.stderr, result.stderr

@@ -9,15 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import StudyDir, free_port, run_sweeper, study, sweeper_cmd
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> None:
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.count("\n") == 1, result.stderr
-    for text in expected:
-        assert text in result.stderr, result.stderr
+from tests.conftest import StudyDir, free_port, one_line_error, run_sweeper, study, sweeper_cmd
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ import pytest
 
 from sweeper.config import load_config
 from sweeper.nightly.schedule import ScheduleError, on_calendar, systemd_units
-from tests.conftest import StudyDir, run_sweeper, study, sweeper_cmd
+from tests.conftest import StudyDir, one_line_error, run_sweeper, study, sweeper_cmd
 
 CRONTAB = "MAILTO=ops@example.org\n# nightly backups\n30 1 * * * /usr/local/bin/backup --all\n"
 UNIT = re.compile(r"sweeper-nightly-tiny-[0-9a-f]{8}\.(service|timer)")
@@ -69,14 +69,6 @@ class Systemd:
 @pytest.fixture
 def systemd(tmp_path_factory: pytest.TempPathFactory) -> Systemd:
     return Systemd(tmp_path_factory.mktemp("systemd"))
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> None:
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.count("\n") == 1, result.stderr
-    for text in expected:
-        assert text in result.stderr, result.stderr
 
 
 def test_crontab_install_show_remove_keep_other_lines(study_dir: StudyDir) -> None:

@@ -20,7 +20,7 @@ from typing import Any, get_args
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sweeper.config import StudyConfig, shown
+from sweeper.config import StudyConfig, shown, utf8_text
 from sweeper.errors import ConfigError, DataError
 from sweeper.run.folds import stratified_folds
 
@@ -284,14 +284,7 @@ def _read_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        at = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(
-            f"{path}:{at}: not UTF-8 text (byte {exc.start}: "
-            f"{data[exc.start : exc.start + 1]!r}); save it as UTF-8"
-        ) from None
+    text = utf8_text(data, path, DataError)
     rows = []
     if path.suffix.lower() in {".jsonl", ".json"}:
         for number, line in enumerate(text.splitlines(), 1):
