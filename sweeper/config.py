@@ -306,7 +306,7 @@ def utf8_text(data: bytes, path: Path, error: type[SweeperError] = ConfigError) 
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise error(
-            f"{path}:{line}: not UTF-8 text (byte {exc.start}, line {line}: "
+            f"{path}: not UTF-8 text (byte {exc.start}, line {line}: "
             f"{data[exc.start : exc.start + 1]!r}); save it as UTF-8"
         ) from None
 

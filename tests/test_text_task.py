@@ -360,7 +360,7 @@ def test_data_file_that_is_not_utf8_names_the_file_and_line(
         lines[2].replace(b"good", b"g\xf6od", 1) if b"good" in lines[2] else b"\xff" + lines[2]
     )
     train.write_bytes(b"\n".join(lines))
-    refused_for_real(study_dir, path, f"{train}:3: ", "not UTF-8 text (byte")
+    refused_for_real(study_dir, path, f"{train}: not UTF-8 text (byte", "line 3:")
 
 
 def test_data_file_with_a_byte_order_mark_is_read(study_dir: StudyDir, model_dir: Path) -> None:
