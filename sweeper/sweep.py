@@ -230,11 +230,9 @@ def start(
         night=config.night,
         since=since,
     )
-    latest: list[Any] = []
 
     def tick() -> str | None:
         snapshot = store.snapshot(study, config.study.n_trials, since)
-        latest[:] = [snapshot]
         for observer in watchers:
             observer.tick(study, snapshot)
         return verdict(config, snapshot, sweep)
