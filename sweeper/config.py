@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,9 @@ LARGEST = 2**53
 MAX_BYTES = 2**20
 """Largest study file read: a study file is a few kilobytes; /dev/zero is endless."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+FROM_ENV = "env:"
+"""``storage = "env:NAME"``: the storage URL is the value of environment variable NAME."""
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 _STRICT = ConfigDict(frozen=True, strict=True, allow_inf_nan=False)
 """No coercion: ``true`` is not 1 and ``"3"`` is not 3; floats take ints, not nan or inf."""
@@ -222,10 +226,16 @@ class StudyConfig(_Section):
 
     @property
     def storage_url(self) -> str:
-        """The storage URL; a relative SQLite path is relative to the study file."""
+        """The storage URL; a relative SQLite path is relative to the study file.
+
+        ``env:NAME`` is read from that environment variable now, so that a password
+        need not be in the study file; a missing, empty or unusable value is a ConfigError.
+        """
         url = self.study.storage
         if url is None:
             return f"sqlite:///{self.folder / self.study.name}.db"
+        if url.startswith(FROM_ENV):
+            url = _storage_from_environment(self.path, url.removeprefix(FROM_ENV))
         from sweeper.store.open import relative_to
 
         return relative_to(url, self.folder)
@@ -320,10 +330,44 @@ def shown(value: Any, width: int = 60) -> str:
 
 
 def _check_storage(url: str) -> None:
-    """Refuse a storage URL SQLAlchemy cannot parse, of an unknown database, or in memory."""
+    """Refuse a storage URL SQLAlchemy cannot parse, of an unknown database, or in memory.
+
+    ``env:NAME`` needs a valid variable name here; the variable's value is checked when
+    it is read (:attr:`StudyConfig.storage_url`), on the machine that uses it.
+    """
     from sweeper.store.open import usable_url
 
+    if url.startswith(FROM_ENV):
+        if not _ENV_NAME.fullmatch(url.removeprefix(FROM_ENV)):
+            raise ValueError(
+                "env: takes the name of an environment variable (letters, digits and '_', "
+                f"not beginning with a digit), e.g. env:SWEEPER_STORAGE; got {shown(url)}"
+            )
+        return
     usable_url(url)
+
+
+def _storage_from_environment(path: Path, name: str) -> str:
+    """The storage URL in environment variable ``name``, checked as a literal one is.
+
+    Surrounding whitespace is dropped (a secret read from a file often ends in a newline).
+    Messages never show the value: it holds the password.
+    """
+    from sweeper.store.open import usable_url
+
+    value = os.environ.get(name, "").strip()
+    if not value:
+        state = "is empty" if name in os.environ else "is not set"
+        raise ConfigError(
+            f"{path}: study.storage: environment variable {name} {state}; set it to the "
+            f'storage URL (storage = "{FROM_ENV}{name}"), e.g. '
+            f"{name}=postgresql://user:password@db-host:5432/sweeps"
+        )
+    try:
+        usable_url(value)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: study.storage: environment variable {name}: {exc}") from None
+    return value
 
 
 def _check_numbers(path: Path, raw: Any, key: str) -> None:
