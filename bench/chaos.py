@@ -159,7 +159,21 @@ def finish(row: Row, path: Path, url: str, name: str, db: Path | None) -> Row:
     if db is not None:
         with sqlite3.connect(db) as connection:
             row.integrity = connection.execute("PRAGMA integrity_check").fetchone()[0]
+    row.worst_gap_s = max(row.worst_gap_s, worst_gap_after_failures(trials))
     return row
+
+
+def worst_gap_after_failures(trials: list[optuna.trial.FrozenTrial]) -> float:
+    """The longest wait from a failed trial's end to the next trial starting."""
+    starts = sorted(t.datetime_start for t in trials if t.datetime_start is not None)
+    worst = 0.0
+    for failed in trials:
+        if failed.state != TrialState.FAIL or failed.datetime_complete is None:
+            continue
+        after = [s for s in starts if s >= failed.datetime_complete]
+        if after:
+            worst = max(worst, (after[0] - failed.datetime_complete).total_seconds())
+    return worst
 
 
 def wait_gap(url: str, name: str, fault_at: dt.datetime, poll: Any = None) -> float:
@@ -268,16 +282,27 @@ def fault_sweep(
     sweep = sweeper(path, prefix)
     if inject is not None:
         while len([t for t in trials_of(url, name) if t.state in FINISHED]) < 3:
+            if sweep.poll() is not None:
+                _, early = sweep.communicate()
+                raise RuntimeError(f"the sweep ended before the fault: {early.strip()[-120:]}")
             time.sleep(0.2)
         fault_at = dt.datetime.now()
         inject(sweep, sub)
         _, err = sweep.communicate(timeout=900)
+        if inject is read_only_storage:
+            writable_again(sub)
         row.exit_codes.add(sweep.returncode)
         if sweep.returncode != 0:
             row.message = err.strip().splitlines()[-1][:160] if err.strip() else ""
             row.restarts += 1
-        else:
-            row.worst_gap_s = wait_gap(url, name, fault_at, deadline=1)
+        finish(row, path, url, name, db)
+        starts = [
+            t.datetime_start
+            for t in trials_of(url, name)
+            if t.datetime_start is not None and t.datetime_start > fault_at
+        ]
+        row.worst_gap_s = (min(starts) - fault_at).total_seconds() if starts else 0.0
+        return row
     else:
         _, err = sweep.communicate(timeout=900)
         row.exit_codes.add(sweep.returncode)
@@ -305,13 +330,18 @@ def terminate_connections(url: str) -> Any:
     return inject
 
 
-def read_only_folder(sweep: subprocess.Popen[str], folder: Path) -> None:
-    """Remount the study's folder read-only inside the sweep's own mount namespace."""
-    inner = next(p for p, d in descendants(sweep.pid).items() if d == 1)
-    subprocess.run(
-        ["nsenter", "-t", str(inner), "-m", "mount", "-o", "remount,bind,ro", str(folder)],
-        check=True,
-    )
+def read_only_storage(sweep: subprocess.Popen[str], folder: Path) -> None:
+    """Turn the study's folder and its database files read-only under the running sweep."""
+    for path in folder.iterdir():
+        if path.suffix in {".db", ".db-wal", ".db-shm", ".lock"} or ".db" in path.name:
+            path.chmod(0o444)
+    folder.chmod(0o555)
+
+
+def writable_again(folder: Path) -> None:
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o644)
 
 
 def postgres_database() -> str | None:
@@ -334,11 +364,33 @@ def drop(url: str) -> None:
         admin.execute(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
 
 
+def faults_of(storage: str, url: str, folder: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The injected faults for one storage: a label and how to inject it."""
+    faults: list[tuple[str, dict[str, Any]]] = [
+        (
+            "a trial hangs (trial_timeout = 6)",
+            {"search": {"hang_above": 0.07}, "resources": {"trial_timeout": 6}},
+        ),
+        ("a trial calls os.abort()", {"search": {"abort_above": 0.07}}),
+        ("a trial runs out of memory (RLIMIT_AS)", {"search": {"oom_above": 0.07}}),
+    ]
+    if storage == "postgres":
+        faults.append(("every connection terminated", {"inject": terminate_connections(url)}))
+    elif shutil.which("setpriv"):
+        # Root writes read-only files: this sweep runs without that capability.
+        unprivileged = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+        faults.append(
+            (
+                "the study's folder and database turned read-only",
+                {"inject": read_only_storage, "prefix": unprivileged},
+            )
+        )
+    return faults
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--kills", type=int, default=60, help="kill -9 in all, split over storages"
-    )
+    parser.add_argument("--kills", type=int, default=60, help="kill -9 in all, over storages")
     parser.add_argument("--storages", nargs="+", default=["sqlite", "postgres"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-faults", action="store_true")
@@ -346,6 +398,11 @@ def main() -> None:
     rng = random.Random(args.seed)
     rows: list[Row] = []
     began = time.monotonic()
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        print_table([row], time.monotonic() - began, file=sys.stderr)
+
     with tempfile.TemporaryDirectory(prefix="sweeper-chaos-") as tmp:
         folder = Path(tmp)
         shutil.copy(TASK, folder / "tiny_task.py")
@@ -354,99 +411,34 @@ def main() -> None:
             if url is None:
                 continue
             try:
-                rows.append(
-                    kill_rounds(storage, url, folder, args.kills // len(args.storages), rng)
-                )
-                if args.no_faults:
-                    continue
-                rows.append(
-                    fault_sweep(
-                        storage,
-                        url,
-                        folder,
-                        "a trial hangs (trial_timeout = 6)",
-                        search={"hang_above": 0.07},
-                        resources={"trial_timeout": 6},
-                    )
-                )
-                rows.append(
-                    fault_sweep(
-                        storage,
-                        url,
-                        folder,
-                        "a trial calls os.abort()",
-                        search={"abort_above": 0.07},
-                    )
-                )
-                rows.append(
-                    fault_sweep(
-                        storage,
-                        url,
-                        folder,
-                        "a trial runs out of memory (RLIMIT_AS)",
-                        search={"oom_above": 0.07},
-                    )
-                )
-                if storage == "postgres":
-                    rows.append(
-                        fault_sweep(
-                            storage,
-                            url,
-                            folder,
-                            "every connection terminated",
-                            inject=terminate_connections(url),
-                        )
-                    )
-                elif os.geteuid() == 0 and shutil.which("unshare") and shutil.which("nsenter"):
-                    rows.append(read_only_row(folder, url))
+                add(kill_rounds(storage, url, folder, args.kills // len(args.storages), rng))
+                for label, how in [] if args.no_faults else faults_of(storage, url, folder):
+                    try:
+                        add(fault_sweep(storage, url, folder, label, **how))
+                    except Exception as exc:  # the table says what broke the bench itself
+                        add(Row(storage, label, message=f"bench error: {exc!r}"[:160]))
             finally:
-                if storage == "postgres" and url is not None:
+                if storage == "postgres":
                     drop(url)
     print_table(rows, time.monotonic() - began)
 
 
-def read_only_row(folder: Path, url: str) -> Row:
-    """The sweep runs in a mount namespace where its folder is a bind mount we can remount."""
-    sub = folder / f"ro-{uuid.uuid4().hex[:6]}"
-    sub.mkdir()
-    script = f"mount --bind '{sub}' '{sub}' && exec \"$@\""
-    prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
-    return fault_sweep_in(sub, prefix)
-
-
-def fault_sweep_in(sub: Path, prefix: list[str]) -> Row:
-    name = "readonly"
-    shutil.copy(TASK, sub / "tiny_task.py")
-    path = study_file(sub, name, None)
-    db = sub / f"{name}.db"
-    url = f"sqlite:///{db}"
-    row = Row("sqlite", "the study's folder turned read-only", faults=1)
-    sweep = sweeper(path, prefix)
-    while len([t for t in trials_of(url, name) if t.state in FINISHED]) < 3:
-        time.sleep(0.2)
-    read_only_folder(sweep, sub)
-    _, err = sweep.communicate(timeout=900)
-    row.exit_codes.add(sweep.returncode)
-    row.message = err.strip().splitlines()[-1][:160] if err.strip() else ""
-    row.restarts += 1
-    return finish(row, path, url, name, db)
-
-
-def print_table(rows: list[Row], seconds: float) -> None:
+def print_table(rows: list[Row], seconds: float, file: Any = None) -> None:
     head = (
         "| storage | fault | faults | restarts | finished | lost | duplicated | stuck | "
         "integrity | worst fault-to-trial s | exit codes | message |"
     )
-    print(head)
-    print("|" + " --- |" * head.count(" | ") + " --- |")
+    print(head, file=file)
+    print("|" + " --- |" * head.count(" | ") + " --- |", file=file)
     for r in rows:
         print(
             f"| {r.storage} | {r.fault} | {r.faults} | {r.restarts} | {r.finished}/{N_TRIALS} | "
             f"{r.lost} | {r.duplicated} | {r.stuck} | {r.integrity} | {r.worst_gap_s:.1f} | "
-            f"{','.join(map(str, sorted(r.exit_codes)))} | {r.message.replace('|', '/')} |"
+            f"{','.join(map(str, sorted(r.exit_codes)))} | {r.message.replace('|', '/')} |",
+            file=file,
         )
     kills = sum(r.faults for r in rows if r.fault.startswith("kill"))
-    print(f"\n{kills} kills, {len(rows)} rows, {seconds / 60:.1f} min")
+    print(f"\n{kills} kills, {len(rows)} rows, {seconds / 60:.1f} min", file=file)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ def handles_errors(command: F) -> F:
                 raise
             err.print(f"error: {exc}", markup=False)
             raise typer.Exit(exc.exit_code) from None
+        except optuna.exceptions.StorageInternalError as exc:
+            from sweeper.store import storage_failure
+
+            if kwargs.get("debug"):
+                raise
+            failure = storage_failure(exc)
+            err.print(f"error: {failure}", markup=False)
+            raise typer.Exit(failure.exit_code) from None
         except Terminated:
             err.print("terminated", markup=False)
             raise typer.Exit(Terminated.exit_code) from None

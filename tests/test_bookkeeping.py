@@ -287,3 +287,57 @@ def test_a_worker_killed_mid_sweep_is_started_again_and_its_trial_retried(
     assert [t.params for t in trials if t.system_attrs.get("failed_trial") == victim.number] == [
         victim.params
     ]
+
+
+def test_a_trial_out_of_memory_fails_alone_and_the_sweep_goes_on(study_dir: StudyDir) -> None:
+    path = study_dir.write(
+        study(
+            study={"n_trials": 4},
+            search={"lr": {"low": 1e-3, "high": 1.0, "log": True}, "oom_above": 0.3},
+            sampler={"name": "random"},
+        )
+    )
+    result = run_sweeper("start", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = load(study_dir).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed, "the seeded random sampler draws some lr above 0.3"
+    assert all(t.user_attrs["stop_reason"].startswith("error: MemoryError") for t in failed)
+    assert finished(trials) == 4
+
+
+def test_storage_turned_read_only_mid_sweep_is_one_line_and_resumes(study_dir: StudyDir) -> None:
+    """Root writes read-only files: the sweep runs without that capability (setpriv)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and util-linux's setpriv to drop the capability")
+    path = study_dir.write(
+        study(study={"n_trials": 12}, search={**study()["search"], "sleep": 0.05})
+    )
+    sweep = subprocess.Popen(
+        [
+            setpriv,
+            "--bounding-set=-dac_override,-dac_read_search",
+            *sweeper_cmd("start", str(path)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: study_dir.db.exists() and finished(load(study_dir).get_trials()) >= 2)
+    locked = [p for p in study_dir.root.iterdir() if p.name.startswith("tiny.db")]
+    for file in locked:
+        file.chmod(0o444)
+    try:
+        out, err = sweep.communicate(timeout=300)
+    finally:
+        for file in locked:
+            file.chmod(0o644)
+    assert sweep.returncode == 1, out + err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "readonly database" in err or "claim lock" in err, err
+    again = run_sweeper("start", str(path))
+    assert again.returncode == 0, again.stdout + again.stderr
+    trials = load(study_dir).get_trials()
+    assert finished(trials) == 12
+    assert not [t for t in trials if t.state == TrialState.RUNNING]

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -174,3 +175,43 @@ def race_for_places(tmp_path: Path, database: str) -> None:
     trials = optuna.load_study(study_name="tiny", storage=database).trials
     assert len(trials) == 60, "counting and asking are one step for every process"
     assert sorted(t.number for t in trials) == list(range(60))
+
+
+def test_every_connection_terminated_mid_sweep_loses_nothing(
+    tmp_path: Path, database: str
+) -> None:
+    """The database drops every session of the sweep: it goes on, or stops in one line and
+    the next start finishes the study."""
+    import psycopg
+
+    path = machine(tmp_path, "machine-a", database, 16)
+    sweep = subprocess.Popen(
+        start(path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+    def finished() -> int:
+        try:
+            trials = optuna.load_study(study_name="tiny", storage=database).trials
+        except KeyError:
+            return 0
+        return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+
+    deadline = time.monotonic() + 300
+    while finished() < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
+        cut = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database.rsplit("/", 1)[1],),
+        ).fetchone()
+    assert cut and cut[0] > 0, "the sweep held connections"
+    out, err = sweep.communicate(timeout=600)
+    if sweep.returncode != 0:
+        assert sweep.returncode == 1, out + err
+        assert err.count("\n") == 1 and "the study storage failed:" in err, err
+        again = run_sweeper("start", str(path))
+        assert again.returncode == 0, again.stdout + again.stderr
+    trials = optuna.load_study(study_name="tiny", storage=database).trials
+    assert finished() == 16
+    assert not [t for t in trials if t.state == TrialState.RUNNING]

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from optuna.trial import TrialState
 
 from sweeper.config import StudyConfig
-from sweeper.errors import ConfigError, TaskError
+from sweeper.errors import ConfigError, StorageError, TaskError
 from sweeper.plugins import trial_seed
 from sweeper.run.callbacks import DivergenceCallback, TrialRecorder, TrialStopped
 from sweeper.run.devices import Slot
@@ -36,6 +36,9 @@ EXIT_NO_TRIAL = 3
 
 EXIT_SAMPLER = 4
 """The sampler failed to give a trial; the trial is failed and the sweep must stop."""
+
+EXIT_STORAGE = 5
+"""The storage failed while claiming a trial."""
 
 RESERVED_TRAINER_KEYS = {
     "accelerator": "[resources] devices",
@@ -145,6 +148,14 @@ def run_trial(
     except SamplerFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SAMPLER
+    except StorageError as exc:  # the claim lock cannot be taken
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STORAGE
+    except optuna.exceptions.StorageInternalError as exc:
+        from sweeper.store import storage_failure
+
+        print(f"error: {storage_failure(exc)}", file=sys.stderr)
+        return EXIT_STORAGE
     if trial is None:
         return EXIT_NO_TRIAL
     os.write(channel, f"{trial.number}\n".encode())

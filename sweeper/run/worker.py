@@ -38,6 +38,9 @@ class TrialProcess:
     number: int | None = None
 
 
+UNCLAIMED_LIMIT = 3
+"""Trial processes in a row that die before their claim is done stop the worker."""
+
 OTHER_HOSTS_POLL = 5.0
 """Seconds between looks at other machines' trials once this one has no place left."""
 
@@ -59,6 +62,7 @@ class Worker:
         self.study = store.load(config)
         self.stopping = False
         self.code = 0
+        self.unclaimed = 0
 
     def run(self) -> int:
         """Fork trials until the study has ``n_trials``; returns the exit code."""
@@ -109,6 +113,15 @@ class Worker:
         if code == EXIT_SAMPLER:  # the trial is failed; the sweep cannot go on
             self.code = EXIT_BAD_INPUT
             return False
+        if child.number is None and code != 0 and not self.stopping:
+            # It died claiming (the storage failing, a kill): the next claim
+            # recovers its trial; claims that keep failing stop this worker.
+            self.unclaimed += 1
+            if self.unclaimed >= UNCLAIMED_LIMIT:
+                self.code = 1
+                return False
+            return True
+        self.unclaimed = 0
         if child.number is not None and code != 0:
             self._record_death(child, status)
         return True
@@ -253,7 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
-    return worker.run()
+    import optuna
+
+    try:
+        return worker.run()
+    except optuna.exceptions.StorageInternalError as exc:
+        from sweeper.store import storage_failure
+
+        print(f"error: {storage_failure(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from sweeper.store.open import (
     mask_url,
     open_storage,
     sqlite_path,
+    storage_failure,
 )
 from sweeper.store.outcomes import (
     FINISHED,
@@ -70,6 +71,7 @@ __all__ = [
     "recover",
     "snapshot",
     "sqlite_path",
+    "storage_failure",
     "study_names",
     "tell",
 ]

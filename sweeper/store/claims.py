@@ -212,7 +212,7 @@ def _lock_engine(url: str) -> Any:
     found = _ENGINES.get((os.getpid(), url))
     if found is None:
         found = _ENGINES[(os.getpid(), url)] = sa.create_engine(
-            url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT"
+            url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT", pool_pre_ping=True
         )
     return found
 

@@ -145,6 +145,10 @@ def open_storage(
         if read_only:
             url = f"sqlite:///file:{path}?mode=ro&uri=true"
             writer = False
+    elif is_server(url):
+        # A connection the server dropped (restart, failover, terminated) is
+        # replaced on its next checkout instead of failing the sweep.
+        engine_kwargs["pool_pre_ping"] = True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -184,6 +188,21 @@ def check_sqlite_path(path: Path) -> None:
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise StorageError(f"cannot keep the storage {path}: {parent} is a file, not a folder")
+
+
+class StorageFailed(StorageError):
+    """The storage failed while a sweep used it (a lost server, a read-only file)."""
+
+    exit_code = 1
+
+
+def storage_failure(exc: BaseException) -> StorageFailed:
+    """A one-line error for a failure of the storage mid-command, from Optuna's wrapper."""
+    cause = exc.__cause__ or exc.__context__ or exc
+    return StorageFailed(
+        f"the study storage failed: {first_line(cause)}; once it is back, `sweeper start` "
+        "resumes the study"
+    )
 
 
 def first_line(exc: BaseException) -> str:
