@@ -308,7 +308,11 @@ def test_eight_writers_and_a_reader_on_one_sqlite_file(study_dir: StudyDir) -> N
             time.sleep(0.05)
 
     sweep = subprocess.Popen(
-        sweeper_cmd("start", str(path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        sweeper_cmd("start", str(path)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SWEEPER_CPUS": "8"},  # 8 workers, whatever the cores
     )
     wait_for(lambda: study_dir.db.exists() and load_or_none(study_dir), what="the study")
     dashboard = subprocess.Popen(

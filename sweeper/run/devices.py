@@ -115,7 +115,11 @@ def count_gpus() -> int:
 
 
 def count_cpus() -> int:
-    """Cores this process may use."""
+    """Cores this process may use; ``SWEEPER_CPUS`` overrides (a container whose quota
+    is smaller than the cores it sees, or trials that mostly wait)."""
+    given = os.environ.get("SWEEPER_CPUS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
