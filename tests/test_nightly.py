@@ -370,20 +370,6 @@ def test_fit_to_space_clips_drops_and_skips() -> None:
     assert fitted is None and notes == ["optimizer = 'lion' is no longer a choice: skipped"]
 
 
-def test_kubernetes_example_runs_the_digits_schedule() -> None:
-    import tomllib
-
-    import yaml
-
-    root = Path(__file__).parent.parent
-    job = yaml.safe_load((root / "docker" / "nightly-cronjob.yaml").read_text())
-    schedule = tomllib.loads((root / "studies" / "digits.toml").read_text())["schedule"]
-    assert job["spec"]["schedule"] == schedule["cron"]
-    assert job["spec"]["timeZone"] == schedule["timezone"]
-    container = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"] == ["nightly", "/studies/digits.toml"]
-
-
 def test_an_interrupted_night_resumes_and_force_runs_a_finished_one_again(
     study_dir: StudyDir,
 ) -> None:
