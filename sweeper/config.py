@@ -186,7 +186,8 @@ class ScheduleSection(_Section):
         except ValueError:
             raise ValueError("not a valid URL") from None
         if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL, got {shown(value)}")
+            scheme = f"{parts.scheme}://" if parts.scheme else "no scheme"
+            raise ValueError(f"must be an http:// or https:// URL, got {shown(scheme)}")
         if parts.username is not None or parts.password is not None:
             raise ValueError(
                 "a user or password in the URL (user:pass@) is never sent; put the token "

@@ -217,6 +217,8 @@ def start(
     for number in recovered:
         emit(f"trial {number} was left running by a stopped sweep: failed and enqueued again")
     since = len(study.get_trials(deepcopy=False))  # trial numbers of this run start here
+    left = config.study.n_trials - store.snapshot(study, config.study.n_trials).finished
+    slots = slots[: max(1, left)]  # a worker beyond the trials left would never run one
     devices = ", ".join(sorted({slot.device for slot in slots}))
     emit(
         f"study {config.study.name!r} in {store.mask_url(config.storage_url)}: {len(slots)} "

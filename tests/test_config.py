@@ -371,3 +371,11 @@ def test_an_endless_file_is_not_read_to_the_end() -> None:
     result = runner.invoke(app, ["check", "/dev/zero"])
     assert result.exit_code == 2
     assert result.stderr == "error: /dev/zero: larger than 1 MiB; not a study file\n"
+
+
+def test_a_refused_webhook_url_never_shows_its_token(study_dir: StudyDir) -> None:
+    path = study_dir.write(study(schedule={"notify": "ftp://hooks.example.org/T0KEN-s3cret"}))
+    result = run_sweeper("check", str(path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "schedule.notify: must be an http:// or https:// URL, got 'ftp://'" in result.stderr
+    assert "s3cret" not in result.stderr

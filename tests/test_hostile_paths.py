@@ -140,3 +140,11 @@ def test_dashboard_addresses_put_ipv6_in_brackets() -> None:
 
     assert address("::1", 8080) == "http://[::1]:8080/"
     assert address("127.0.0.1", 8080) == "http://127.0.0.1:8080/"
+
+
+def test_never_more_workers_than_trials_left(study_dir: StudyDir) -> None:
+    path = study_dir.write(study(study={"n_trials": 2}))
+    assert run_sweeper("start", str(path)).returncode == 0
+    again = run_sweeper("start", str(path), "--n-trials", "3")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 slot(s) on cpu, 3 trials" in again.stdout
