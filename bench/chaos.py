@@ -56,7 +56,8 @@ class Row:
     fault: str
     faults: int = 0
     restarts: int = 0
-    finished: int = 0
+    studies: int = 0
+    exact: int = 0
     lost: int = 0
     duplicated: int = 0
     stuck: int = 0
@@ -145,9 +146,10 @@ def finish(row: Row, path: Path, url: str, name: str, db: Path | None) -> Row:
             row.message = err.strip().splitlines()[-1][:160]
     trials = trials_of(url, name)
     finished = [t for t in trials if t.state in FINISHED]
-    row.finished = len(finished)
-    row.stuck = sum(t.state == TrialState.RUNNING for t in trials)
-    row.lost = max(0, N_TRIALS - len(finished))
+    row.studies += 1
+    row.exact += len(finished) == N_TRIALS
+    row.stuck += sum(t.state == TrialState.RUNNING for t in trials)
+    row.lost += max(0, N_TRIALS - len(finished))
     done_numbers = {t.number for t in finished}
     retried_done = [
         t
@@ -155,10 +157,11 @@ def finish(row: Row, path: Path, url: str, name: str, db: Path | None) -> Row:
         if t.system_attrs.get("failed_trial") in done_numbers
         and t.system_attrs.get("failed_trial") != t.number
     ]
-    row.duplicated = max(0, len(finished) - N_TRIALS) + len(retried_done)
+    row.duplicated += max(0, len(finished) - N_TRIALS) + len(retried_done)
     if db is not None:
         with sqlite3.connect(db) as connection:
-            row.integrity = connection.execute("PRAGMA integrity_check").fetchone()[0]
+            integrity = connection.execute("PRAGMA integrity_check").fetchone()[0]
+        row.integrity = integrity if row.integrity in ("-", "ok") else row.integrity
     row.worst_gap_s = max(row.worst_gap_s, worst_gap_after_failures(trials))
     return row
 
@@ -257,7 +260,6 @@ def kill_rounds(storage: str, url: str, folder: Path, kills: int, rng: random.Ra
     rounds.sweep.wait()
     row.restarts += 1
     finish(row, rounds.path, rounds.url, rounds.name, rounds.db)
-    row.fault += f"; {rounds.count} studies of {N_TRIALS}"
     return row
 
 
@@ -425,14 +427,15 @@ def main() -> None:
 
 def print_table(rows: list[Row], seconds: float, file: Any = None) -> None:
     head = (
-        "| storage | fault | faults | restarts | finished | lost | duplicated | stuck | "
+        f"| storage | fault | faults | restarts | studies with exactly {N_TRIALS} finished | "
+        "lost | duplicated | stuck | "
         "integrity | worst fault-to-trial s | exit codes | message |"
     )
     print(head, file=file)
     print("|" + " --- |" * head.count(" | ") + " --- |", file=file)
     for r in rows:
         print(
-            f"| {r.storage} | {r.fault} | {r.faults} | {r.restarts} | {r.finished}/{N_TRIALS} | "
+            f"| {r.storage} | {r.fault} | {r.faults} | {r.restarts} | {r.exact} of {r.studies} | "
             f"{r.lost} | {r.duplicated} | {r.stuck} | {r.integrity} | {r.worst_gap_s:.1f} | "
             f"{','.join(map(str, sorted(r.exit_codes)))} | {r.message.replace('|', '/')} |",
             file=file,
