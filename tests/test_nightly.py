@@ -20,14 +20,11 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from sweeper.nightly.night import (
-    EXIT_REGRESSION,
-    NOTIFY_DEADLINE,
-    NightLock,
-    fit_to_space,
-    process_start,
-)
+from sweeper.nightly.lock import NightLock
+from sweeper.nightly.night import EXIT_REGRESSION, fit_to_space
+from sweeper.nightly.notify import NOTIFY_DEADLINE
 from sweeper.space import SearchSpace
+from sweeper.store import process_start
 from tests.conftest import StudyDir, free_port, run_sweeper, study, sweeper_cmd
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

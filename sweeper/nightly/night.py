@@ -5,25 +5,16 @@ trials are the best configurations of the most recent earlier night, fitted to
 tonight's search space. When it ends, its best is compared with that night's:
 the summary is stored on the night's study (the history), written to
 ``<folder>/<name>/nights/<date>/summary.json`` and optionally POSTed.
-One night of a study runs at a time: see :class:`NightLock`.
+One night of a study runs at a time: see :class:`sweeper.nightly.lock.NightLock`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
-import http.client
 import json
 import math
-import os
 import re
-import socket
-import threading
-import time
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +26,8 @@ from optuna.trial import FrozenTrial, TrialState
 from sweeper import store
 from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
-from sweeper.errors import SweeperError
+from sweeper.nightly.lock import NightLock
+from sweeper.nightly.notify import notify
 from sweeper.space import SearchSpace, parse_space
 from sweeper.sweep import LiveView, Observer
 
@@ -44,13 +36,6 @@ EXIT_REGRESSION = 3
 
 SUMMARY_ATTR = "night_summary"
 WARM_START_ATTR = "warm_start"
-NOTIFY_ATTEMPTS = 3
-NOTIFY_BACKOFF = 1.0
-"""Seconds before the first retry of a failed webhook; doubled for each further retry."""
-NOTIFY_TIMEOUT = 10.0
-"""Seconds one webhook attempt may take in all: connecting, sending, reading the answer."""
-NOTIFY_DEADLINE = 30.0
-"""Seconds every attempt and every wait between them may take together: the lock is held."""
 
 
 @dataclass(frozen=True)
@@ -135,127 +120,6 @@ def _busy(config: StudyConfig, path: Path, holder: dict[str, Any]) -> str:
         f"another `sweeper nightly` of study {config.study.name!r} is running "
         f"({held} {path}); nothing to do"
     )
-
-
-class NightLock:
-    """``nightly.lock``: an flock that one ``sweeper nightly`` of a study holds at a time.
-
-    The holder writes its pid, its process's start time and its host into the
-    file. When the flock is held but that process is gone from this host (a
-    child forked from it can keep the flock alive), the lock is taken over.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self, emit: Callable[[str], None]) -> dict[str, Any] | None:
-        """None once held; otherwise the holder's record (empty when it left none)."""
-        try:
-            with _gate(self.path.parent):
-                holder = self._try()
-                if holder is not None and _gone(holder):
-                    # Whatever still holds the old file keeps it; nothing reads it again.
-                    os.unlink(self.path)
-                    emit(
-                        f"took over {self.path}: its holder, process {holder['pid']} on "
-                        f"{holder['host']}, is gone"
-                    )
-                    holder = self._try()
-                return holder
-        except OSError as exc:
-            raise SweeperError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # the record stays: it names the last holder
-            self._fd = None
-
-    def _try(self) -> dict[str, Any] | None:
-        """Take the flock and write this process's record (None), or read the holder's."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(_this_process()) + "\n").encode(), 0)
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
-            return holder
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return None
-
-
-@contextlib.contextmanager
-def _gate(folder: Path) -> Iterator[None]:
-    """One nightly at a time takes or takes over the lock: a brief flock on its folder."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _this_process() -> dict[str, Any]:
-    pid = os.getpid()
-    return {
-        "pid": pid,
-        "start": process_start(pid),
-        "host": socket.gethostname(),
-        "pid_namespace": _pid_namespace(),
-    }
-
-
-def _pid_namespace() -> str | None:
-    """Containers sharing a host name and a folder still see different pids."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
-def process_start(pid: int) -> int | None:
-    """When process ``pid`` started (field 22 of /proc/<pid>/stat), or None where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])  # the name in (...) may hold spaces
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _holder(fd: int) -> dict[str, Any]:
-    try:
-        record = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(record, dict) or not isinstance(record.get("pid"), int):
-        return {}
-    return record
-
-
-def _gone(holder: dict[str, Any]) -> bool:
-    """Whether the process in ``holder`` has ended (only known for one whose pids we see)."""
-    if not holder or holder["pid"] <= 0:
-        return False
-    if (holder.get("host"), holder.get("pid_namespace")) != (
-        socket.gethostname(),
-        _pid_namespace(),
-    ):
-        return False
-    start = process_start(holder["pid"])
-    if start is not None:  # a pid in use again is another process
-        return holder.get("start") is not None and start != holder["start"]
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
 
 
 def nights(config: StudyConfig) -> dict[dt.date, str]:
@@ -478,83 +342,6 @@ def history(config: StudyConfig) -> list[dict[str, Any]]:
             }
         rows.append(summary)
     return rows
-
-
-def notify(url: str, summary: dict[str, Any], emit: Callable[[str], None]) -> bool:
-    """POST the summary as JSON; retried with back-off, never raises. True when delivered.
-
-    Every attempt is bounded as a whole, and all of them together by
-    NOTIFY_DEADLINE: a hook that answers a byte at a time cannot keep the night
-    (and its lock) alive. The URL is shown without its path and query, which
-    often carry a token.
-    """
-    body = json.dumps(summary).encode()
-    shown = masked_url(url)
-    deadline = time.monotonic() + NOTIFY_DEADLINE
-    for attempt in range(1, NOTIFY_ATTEMPTS + 1):
-        if attempt > 1:
-            backoff = NOTIFY_BACKOFF * 2 ** (attempt - 2)
-            time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
-        limit = min(NOTIFY_TIMEOUT, deadline - time.monotonic())
-        if limit < 1:
-            break
-        try:
-            status = _post(url, body, limit)
-        except (OSError, ValueError, http.client.HTTPException) as exc:
-            reason = _scrub(str(getattr(exc, "reason", exc)), url)
-            emit(f"notify {shown}: attempt {attempt} of {NOTIFY_ATTEMPTS} failed: {reason}")
-        else:
-            emit(f"notified {shown} (HTTP {status})")
-            return True
-    emit(f"notify {shown}: gave up; the night's result stands")
-    return False
-
-
-def _post(url: str, body: bytes, limit: float) -> int:
-    """POST ``body``: the HTTP status, or the error; TimeoutError after ``limit`` s in all."""
-    outcome: list[int | Exception] = []
-
-    def send() -> None:
-        request = urllib.request.Request(
-            url, data=body, method="POST", headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=limit) as response:
-                outcome.append(response.status)
-        except Exception as exc:
-            outcome.append(exc)
-
-    # The socket timeout bounds each read, not the answer: the thread bounds it all.
-    sender = threading.Thread(target=send, name="notify", daemon=True)
-    sender.start()
-    sender.join(limit)
-    if not outcome:
-        raise TimeoutError(f"no complete answer within {limit:.0f} s")
-    if isinstance(outcome[0], Exception):
-        raise outcome[0]
-    return outcome[0]
-
-
-def masked_url(url: str) -> str:
-    """``scheme://host[:port]/...``: no credentials, no path, no query."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or "?"
-    if ":" in host:
-        host = f"[{host}]"
-    with contextlib.suppress(ValueError):
-        if parts.port is not None:
-            host += f":{parts.port}"
-    hidden = parts.path not in {"", "/"} or parts.query or parts.fragment
-    return f"{parts.scheme}://{host}/{'...' if hidden else ''}"
-
-
-def _scrub(text: str, url: str) -> str:
-    """An error message without the parts of ``url`` that ``masked_url`` hides."""
-    parts = urllib.parse.urlsplit(url)
-    hidden = [url, parts.path, parts.query, parts.fragment, parts.username, parts.password]
-    for secret in sorted((h for h in hidden if h and len(h) > 1), key=len, reverse=True):
-        text = text.replace(secret, "...")
-    return text
 
 
 def earlier_reports(config: StudyConfig, night: dt.date) -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ defined once.
 
 from __future__ import annotations
 
-from sweeper.store.claims import Owner, SamplerFailed, claim, claim_lock
+from sweeper.store.claims import Owner, SamplerFailed, claim, claim_lock, process_start
 from sweeper.store.open import (
     GRACE_PERIOD,
     HEARTBEAT_INTERVAL,
@@ -67,6 +67,7 @@ __all__ = [
     "load_named",
     "mask_url",
     "open_storage",
+    "process_start",
     "read_trials",
     "recover",
     "snapshot",

@@ -109,9 +109,9 @@ def process_start(pid: int) -> int | None:
     """When the process started, in clock ticks since boot (Linux), else None."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return int(stat.rsplit(")", 1)[1].split()[19])  # the name in (...) may hold spaces
+    except (OSError, IndexError, ValueError):
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def process_alive(pid: int) -> bool:
