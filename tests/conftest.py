@@ -7,12 +7,16 @@ import shutil
 import socket
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+SERVER = os.environ.get("SWEEPER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+"""The PostgreSQL server the tests create their databases on."""
 
 BASE: dict[str, Any] = {
     "study": {
@@ -109,3 +113,21 @@ def one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> 
     assert result.stderr.count("\n") == 1, result.stderr
     for text in expected:
         assert text in result.stderr, result.stderr
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    """A new, empty database on the server, dropped afterwards."""
+    import psycopg
+
+    name = f"sweeper_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(f"{SERVER}/postgres", connect_timeout=5, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL server at {SERVER} ({exc}); set SWEEPER_TEST_POSTGRES")
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{SERVER}/{name}"
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()

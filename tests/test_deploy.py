@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tomllib
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +54,6 @@ OLDEST_KUBERNETES = "1.31"
 """podFailurePolicy, which the Jobs rely on, is GA from 1.31."""
 STUDY = "/study/study.toml"
 """Where every container finds the study file."""
-SERVER = os.environ.get("SWEEPER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 PASSWORD = "pw-never-shown-7f3a"
 
 
@@ -430,24 +428,6 @@ def test_every_container_runs_a_sweeper_command_on_its_study_folder(tmp_path: Pa
 
 
 # --- storage = "env:NAME" --------------------------------------------------------
-
-
-@pytest.fixture
-def database() -> Iterator[str]:
-    """A new, empty database on the PostgreSQL server, dropped afterwards."""
-    import psycopg
-
-    name = f"sweeper_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(f"{SERVER}/postgres", connect_timeout=5, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server at {SERVER} ({exc}); set SWEEPER_TEST_POSTGRES")
-    admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"{SERVER}/{name}"
-    finally:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
 
 
 def with_storage(

@@ -16,29 +16,19 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import BASE, FIXTURES, free_port, run_sweeper, study, sweeper_cmd, toml_text
+from tests.conftest import (
+    BASE,
+    FIXTURES,
+    SERVER,
+    free_port,
+    run_sweeper,
+    study,
+    sweeper_cmd,
+    toml_text,
+)
 from tests.test_views import wait_http
 
-SERVER = os.environ.get("SWEEPER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 MARIADB = os.environ.get("SWEEPER_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306")
-
-
-@pytest.fixture
-def database() -> Iterator[str]:
-    """A new, empty database on the server, dropped afterwards."""
-    import psycopg
-
-    name = f"sweeper_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(f"{SERVER}/postgres", connect_timeout=5, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server at {SERVER} ({exc}); set SWEEPER_TEST_POSTGRES")
-    admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"{SERVER}/{name}"
-    finally:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
 
 
 @pytest.fixture

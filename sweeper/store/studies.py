@@ -24,10 +24,7 @@ def create_or_resume(config: StudyConfig) -> optuna.Study:
     A new SQLite file is made whole under a temporary name and then renamed
     into place, so no reader ever opens a half-made database.
     """
-    from sweeper.plugins import check_plugins
-
     space = parse_space(config.search, config.path)
-    check_plugins(config)
     url = config.storage_url
     path = sqlite_path(url)
     with claim_lock(config):
