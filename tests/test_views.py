@@ -145,6 +145,29 @@ def test_dashboard_beyond_loopback_warns(swept: StudyDir) -> None:
     assert "the dashboard has no authentication" in server.stderr.read()
 
 
+def test_sigterm_stops_the_dashboard_even_while_it_answers(swept: StudyDir) -> None:
+    """A signal that lands while a page is being sent stops the server, as Kubernetes expects."""
+    port = free_port()
+    server = subprocess.Popen(
+        sweeper_cmd("dashboard", str(swept.root / "study.toml"), "--port", str(port)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/dashboard/")
+        with socket.create_connection(("127.0.0.1", port)) as reader:
+            # Ask for the 6 MB script and read none of it: the server blocks sending it.
+            reader.sendall(b"GET /static/bundle.js HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            time.sleep(2)
+            server.terminate()
+            _, stderr = server.communicate(timeout=30)
+    finally:
+        server.kill()
+    assert server.returncode == 143, stderr
+    assert stderr.rstrip().endswith("terminated"), stderr
+
+
 def test_outcomes_and_compute_saved() -> None:
     def trial(state: TrialState, steps: int, **attrs):
         return create_trial(

@@ -10,7 +10,11 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+import threading
 from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import optuna
 
@@ -30,23 +34,40 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_port(host: str, port: int) -> int:
-    """The port to serve on (a free one for 0); a clear message when it cannot be bound."""
+def bind(host: str, port: int) -> WSGIServer:
+    """A server bound to host and port (a free one for 0); a clear message when it cannot be."""
     if not 0 <= port <= 65535:
         raise DashboardError(f"--port: a port number from 0 to 65535, got {port}")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise DashboardError(
-                    f"port {port} on {host} is in use; pick another with --port"
-                ) from None
-            raise DashboardError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
-        except (socket.gaierror, OverflowError, UnicodeError) as exc:
+    server_class = _IPv6Server if ":" in host else _Server
+    try:
+        return server_class((host, port), _QuietHandler)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise DashboardError(
+                f"port {port} on {host} is in use; pick another with --port"
+            ) from None
+        if isinstance(exc, socket.gaierror):
             raise DashboardError(f"--host: cannot serve on {host!r}: {exc}") from None
-        return int(probe.getsockname()[1])
+        raise DashboardError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
+    except (OverflowError, UnicodeError) as exc:
+        raise DashboardError(f"--host: cannot serve on {host!r}: {exc}") from None
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """One thread per request, so a slow page does not hold up the others."""
+
+    daemon_threads = True
+
+
+class _IPv6Server(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log: the terminal keeps sweeper's own lines."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 def address(host: str, port: int) -> str:
@@ -61,18 +82,31 @@ class DashboardError(SweeperError):
 
 
 def serve(config: StudyConfig, host: str, port: int, warn: Callable[[str], None]) -> None:
-    """Serve optuna-dashboard until interrupted."""
+    """Serve optuna-dashboard until interrupted.
+
+    Requests are answered on other threads while this one only waits, so Ctrl-C
+    or SIGTERM always lands here and stops the server, never inside a request
+    (where wsgiref would take it for the request's own error and go on serving).
+    """
     import optuna_dashboard
 
-    port = check_port(host, port)
+    server = bind(host, port)
     storage = open_storage(config.storage_url, writer=False)
+    server.set_app(optuna_dashboard.wsgi(storage))
     if not is_loopback(host):
         warn(
             f"warning: serving on {host}, beyond this machine; the dashboard has no "
             "authentication, so anyone who can reach the port can read and change the study"
         )
+    port = server.server_address[1]
     warn(f"dashboard of {config.study.name!r} on {address(host, port)} (Ctrl-C stops it)")
-    optuna_dashboard.run_server(storage, host=host, port=port)
+    serving = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
+    serving.start()
+    try:
+        serving.join()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def publish(config: StudyConfig, study: optuna.Study) -> None:
