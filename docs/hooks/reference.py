@@ -12,9 +12,10 @@ A page asks for a reference with a marker on a line of its own:
   paragraph of its docstring.
 
 Descriptions come from the code (``Field(description=...)``, the docstring under an
-attribute, a section's class docstring). ``notes.toml`` beside this file adds a line
-for what the code does not describe yet; a note for a key the code no longer has is
-a warning, which fails a strict build. Keys described nowhere are listed at INFO level.
+attribute, a field validator's docstring, a section's class docstring). ``notes.toml``
+beside this file describes what the code does not describe yet, and is used only
+then; a note for a key the code no longer has is a warning, which fails a strict
+build. Keys described nowhere are listed at INFO level.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def on_post_build(**_: Any) -> None:
     bare = [key for key, described in _documented().items() if not described]
     if bare:
         log.info("keys without a description in the code: %s", ", ".join(bare))
+    superseded = sorted((set(sections) | set(keys)) & {k for k, d in _documented().items() if d})
+    if superseded:
+        log.info(
+            "notes.toml: the code now describes %s; their notes are unused", ", ".join(superseded)
+        )
 
 
 # --- the study file ---------------------------------------------------------------------
@@ -82,9 +88,9 @@ def study_file_reference() -> str:
         model = _model_of(field.annotation)
         described = _join(field.description, _attribute_docs(config.StudyConfig).get(name))
         if model is None:  # a free-form table, such as [trainer] or [search]
-            out.append(_paragraph(_join(described, _note(name)) or _type(field.annotation)))
+            out.append(_paragraph(described or _note(name) or _type(field.annotation)))
             continue
-        out.append(_paragraph(_join(described, _class_doc(model), _note(name))))
+        out.append(_paragraph(_join(described, _class_doc(model)) or _note(name)))
         out.append(_model_table(model, name))
     return "\n".join(out)
 
@@ -113,11 +119,8 @@ def _model_table(model: Any, prefix: str, value_word: str = "default") -> str:
             continue  # the task's own models repeat `name`, documented with [task]
         default = "**required**" if field.is_required() else _default(field)
         described = _join(
-            field.description,
-            attribute_docs.get(key),
-            validators.get(key),
-            _note(f"{prefix}.{key}"),
-        )
+            field.description, attribute_docs.get(key), validators.get(key)
+        ) or _note(f"{prefix}.{key}")
         kind = _type(field.annotation, field.metadata)
         rows.append(f"| `{key}` | {kind} | {default} | {_cell(described)} |")
     if model.model_config.get("extra") == "allow":
