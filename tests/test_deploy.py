@@ -199,7 +199,7 @@ def test_compose_workers_wait_for_a_healthy_postgres_that_keeps_the_study() -> N
         assert services[name]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert services["worker"]["deploy"]["replicas"] >= 2
     assert services["worker"]["command"] == ["start", STUDY]
-    assert "--scale worker=" in (ROOT / "README.md").read_text()
+    assert "--scale worker=" in (ROOT / "docs" / "machines.md").read_text()
 
 
 def test_compose_publishes_the_dashboard_on_the_loopback_only() -> None:
@@ -339,11 +339,11 @@ class Container:
 
 
 def readme_objects() -> tuple[tuple[str, str], tuple[str, dict[str, Path]]]:
-    """The Secret (name, key) and the ConfigMap (name, key to file) that README creates."""
-    text = (ROOT / "README.md").read_text()
+    """The Secret (name, key) and the ConfigMap (name, key to file) the docs create."""
+    text = (ROOT / "docs" / "machines.md").read_text()
     secret = re.search(r"kubectl create secret generic (\S+) --from-literal=(\w+)=", text)
     configmap = re.search(r"kubectl create configmap (\S+)((?: --from-file=\S+)+)", text)
-    assert secret and configmap, "README creates the Secret and the ConfigMap"
+    assert secret and configmap, "docs/machines.md creates the Secret and the ConfigMap"
     files: dict[str, Path] = {}
     for source in configmap[2].split(" --from-file=")[1:]:
         key, _, path = source.rpartition("=")
@@ -364,7 +364,7 @@ def containers() -> Iterator[Container]:
                 if mount["name"] in maps:
                     assert maps[mount["name"]] == configmap, f"{doc['kind']}: unknown ConfigMap"
                     assert mount["mountPath"] == f"/study/{mount['subPath']}"
-                    assert mount["subPath"] in sources, f"{doc['kind']}: no such key in README"
+                    assert mount["subPath"] in sources, f"{doc['kind']}: no such key in the docs"
                     files[mount["subPath"]] = sources[mount["subPath"]]
             env = {item["name"]: item for item in container["env"]}
             ref = env["SWEEPER_STORAGE"]["valueFrom"]["secretKeyRef"]
