@@ -21,6 +21,7 @@ build. Keys described nowhere are listed at INFO level.
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import logging
 import re
@@ -39,8 +40,11 @@ NOTES = Path(__file__).with_name("notes.toml")
 MARKER = re.compile(r"^<!-- generate: ([a-z-]+) -->$", re.MULTILINE)
 log = logging.getLogger("mkdocs.plugins.sweeper")
 
-if str(ROOT) not in sys.path:
+# The package of this checkout, not an installed copy (an editable install may point
+# at another checkout). Imported now: MkDocs restores sys.path once hooks are loaded.
+if sys.path[:1] != [str(ROOT)]:
     sys.path.insert(0, str(ROOT))
+importlib.import_module("sweeper")
 
 
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
@@ -335,8 +339,6 @@ def commands_reference() -> str:
 
 def _cli_command() -> Any:
     """The click command behind the ``sweeper`` script named in pyproject.toml."""
-    import importlib
-
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     target = project["project"]["scripts"]["sweeper"]
     module_name, _, attribute = target.partition(":")
