@@ -326,7 +326,7 @@ def commands_reference() -> str:
     out = [_paragraph(_help_text(command))]
     options = _parameter_table(command, root, skip_help=True)
     if options:
-        out += ["### Options of every command\n", options]
+        out += ["### Options of `sweeper`\n", options]
     for path, sub, context in _walk(command, root, ["sweeper"]):
         out.append(f"### `{' '.join(path)}`\n")
         out.append(f"```text\n{_usage(sub, context)}\n```\n")
@@ -394,7 +394,7 @@ def _parameter_table(command: Any, context: Any, *, skip_help: bool) -> str:
         rows.append(f"| `{declared}` | {kind} | {_cell(described)} |")
     if not rows:
         return ""
-    return "\n".join(["| | | |", "| --- | --- | --- |", *rows]) + "\n"
+    return "\n".join(["| name | kind | help |", "| --- | --- | --- |", *rows]) + "\n"
 
 
 # --- the package layout -----------------------------------------------------------------
