@@ -89,13 +89,21 @@ def study_file_reference() -> str:
             continue
         required = "required" if field.is_required() else "optional"
         out.append(f"### `[{name}]`\n\n*{required} section*\n")
-        model = _model_of(field.annotation)
+        models = _models_of(field.annotation)
         described = _join(field.description, _attribute_docs(config.StudyConfig).get(name))
-        if model is None:  # a free-form table, such as [trainer] or [search]
+        if not models:  # a free-form table, such as [trainer] or [search]
             out.append(_paragraph(described or _note(name) or _type(field.annotation)))
             continue
-        out.append(_paragraph(_join(described, _class_doc(model)) or _note(name)))
-        out.append(_model_table(model, name))
+        if len(models) == 1:
+            out.append(_paragraph(_join(described, _class_doc(models[0])) or _note(name)))
+            out.append(_model_table(models[0], name))
+            continue
+        out.append(_paragraph(described or _note(name)))
+        out.append("One of these forms:\n")
+        for model in models:  # a union of forms, such as one per backend
+            out.append(f"#### {model.__name__}\n")
+            out.append(_paragraph(_class_doc(model)))
+            out.append(_model_table(model, name))
     return "\n".join(out)
 
 
@@ -133,14 +141,23 @@ def _model_table(model: Any, prefix: str, value_word: str = "default") -> str:
     return "\n".join(rows) + "\n"
 
 
-def _model_of(annotation: Any) -> Any:
-    """The pydantic model inside an annotation (``X``, ``X | None``), else None."""
+def _models_of(annotation: Any) -> list[Any]:
+    """The pydantic models an annotation allows: ``X``, ``X | None``, ``X | Y``."""
     from pydantic import BaseModel
 
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _models_of(typing.get_args(annotation)[0])
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _models_of(arg)]
+    return []
+
+
+def _model_of(annotation: Any) -> Any:
+    """The one pydantic model of an annotation, else None."""
+    models = _models_of(annotation)
+    return models[0] if len(models) == 1 else None
 
 
 def _type(annotation: Any, metadata: list[Any] | None = None) -> str:
@@ -165,7 +182,7 @@ def _type_name(annotation: Any) -> str:
         return f"array{inner}"
     if origin is dict or annotation is dict:
         return "table"
-    if _model_of(annotation) is not None:
+    if _models_of(annotation):
         return "table"
     names = {bool: "boolean", int: "integer", float: "float", str: "string"}
     return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
@@ -292,10 +309,10 @@ def _documented() -> dict[str, bool]:
     for name, field in config.StudyConfig.model_fields.items():
         if name in internal:
             continue
-        model = _model_of(field.annotation)
+        forms = _models_of(field.annotation)
         own = _join(field.description, _attribute_docs(config.StudyConfig).get(name))
-        seen[name] = bool(own or (model is not None and _class_doc(model)))
-        if model is not None:
+        seen[name] = bool(own or (len(forms) == 1 and _class_doc(forms[0])))
+        for model in forms:
             models.append((name, model))
             if model.model_config.get("extra") == "allow":
                 seen[f"{name}.*"] = False
