@@ -7,6 +7,7 @@ import difflib
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +19,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -37,6 +39,17 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 FROM_ENV = "env:"
 """``storage = "env:NAME"``: the storage URL is the value of environment variable NAME."""
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+TRACKING_OPTIONS = {
+    "dir": ("tensorboard", "wandb"),
+    "tracking_uri": ("mlflow",),
+    "experiment": ("mlflow",),
+    "project": ("wandb",),
+    "entity": ("wandb",),
+    "mode": ("wandb",),
+}
+"""``[tracking]`` options and the backends that take each."""
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_WANDB_FORBIDDEN = set("/\\#?%:")
 
 _STRICT = ConfigDict(frozen=True, strict=True, allow_inf_nan=False)
 """No coercion: ``true`` is not 1 and ``"3"`` is not 3; floats take ints, not nan or inf."""
@@ -196,6 +209,68 @@ class ScheduleSection(_Section):
         return value
 
 
+class TrackingSection(_Section):
+    """Experiment tracking: each trial is a run of TensorBoard, MLflow or W&B.
+
+    See :mod:`sweeper.run.tracking`. Each option belongs to the backends named in
+    its description; giving it to another backend is an error.
+    """
+
+    backend: Literal["tensorboard", "mlflow", "wandb"]
+    dir: str | None = Field(default=None, min_length=1, max_length=1000)
+    """tensorboard, wandb: the folder runs are written to, relative to the study file
+    (default: `tensorboard/` beside it for TensorBoard, the study file's folder for W&B,
+    which writes a `wandb/` folder there)."""
+    tracking_uri: str | None = Field(default=None, min_length=1, max_length=2000)
+    """mlflow: where runs are stored: `sqlite:///mlflow.db` (a relative path is relative to
+    the study file), a server's `http(s)://` URL, or `env:NAME` to read it from an
+    environment variable (default: `sqlite:///mlflow.db` beside the study file)."""
+    experiment: str | None = Field(default=None, min_length=1, max_length=500)
+    """mlflow: the experiment that holds the study's runs (default: the study name)."""
+    project: str | None = Field(default=None, min_length=1, max_length=128)
+    """wandb: the project that holds the study's runs (default: the study name)."""
+    entity: str | None = Field(default=None, min_length=1, max_length=128)
+    """wandb: the user or team that owns the project (default: your W&B default)."""
+    mode: Literal["offline", "online"] = "offline"
+    """wandb: `offline` writes runs to disk only (upload later with `wandb sync`);
+    `online` sends them to W&B and needs `WANDB_API_KEY` in the environment."""
+
+    @field_validator(*TRACKING_OPTIONS)
+    @classmethod
+    def _option_of_backend(cls, value: Any, info: ValidationInfo) -> Any:
+        backend = info.data.get("backend")
+        owners = TRACKING_OPTIONS[str(info.field_name)]
+        if backend is not None and backend not in owners:
+            raise ValueError(f"an option of {' and '.join(owners)}, not of {backend}")
+        return value
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value.startswith(FROM_ENV):
+            if not _ENV_NAME.fullmatch(value.removeprefix(FROM_ENV)):
+                raise ValueError(
+                    "env: takes the name of an environment variable (letters, digits and "
+                    f"'_', not beginning with a digit), e.g. env:MLFLOW_TRACKING_URI; got "
+                    f"{shown(value)}"
+                )
+        elif not _URI_SCHEME.match(value):
+            raise ValueError(
+                "a URI with a scheme, such as sqlite:///mlflow.db or https://mlflow.example.org, "
+                f"or env:NAME; got {shown(value)}"
+            )
+        return value
+
+    @field_validator("project", "entity")
+    @classmethod
+    def _wandb_name(cls, value: str | None) -> str | None:
+        if value is not None and _WANDB_FORBIDDEN & set(value):
+            raise ValueError(f"W&B names may not contain any of / \\ # ? % :; got {shown(value)}")
+        return value
+
+
 class StudyConfig(_Section):
     """A validated study file. ``path`` is the file it came from."""
 
@@ -211,6 +286,7 @@ class StudyConfig(_Section):
     schedule: ScheduleSection = ScheduleSection()
     audit: AuditSection = AuditSection()
     validation: ValidationSection = ValidationSection()
+    tracking: TrackingSection | None = None
     night: dt.date | None = None
     """Set by :meth:`for_night`, never by the study file."""
 
@@ -422,8 +498,9 @@ def _model_at(loc: list[str]) -> type[BaseModel]:
     model: type[BaseModel] = StudyConfig
     for part in loc:
         annotation = model.model_fields[part].annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
+        for candidate in typing.get_args(annotation) or (annotation,):  # X | None: X
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
     return model
 
 
