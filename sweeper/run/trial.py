@@ -24,6 +24,7 @@ from sweeper.plugins import trial_seed
 from sweeper.run.callbacks import DivergenceCallback, TrialRecorder, TrialStopped
 from sweeper.run.devices import Slot
 from sweeper.run.divergence import DivergenceGuard
+from sweeper.run.tracking import TrialRun, check_tracking, trial_run
 from sweeper.space import parse_space
 from sweeper.store import Owner, SamplerFailed, claim, claim_lock, tell
 from sweeper.tasks import Build
@@ -45,7 +46,7 @@ RESERVED_TRAINER_KEYS = {
     "devices": "[resources] devices",
     "num_nodes": "[resources]",
     "strategy": "[resources]",
-    "logger": "sweeper (metrics are stored on each trial)",
+    "logger": "[tracking] (TensorBoard, MLflow or W&B)",
     "callbacks": "sweeper",
     "enable_progress_bar": "sweeper",
 }
@@ -68,7 +69,10 @@ def quiet_lightning() -> None:
 
 
 def check_trainer_options(config: StudyConfig) -> None:
-    """Refuse ``[trainer]`` keys that lightning.Trainer lacks or that sweeper sets."""
+    """Refuse ``[trainer]`` keys that lightning.Trainer lacks or that sweeper sets.
+
+    The Trainer's logger comes from ``[tracking]``: its backend is checked here too.
+    """
     known = [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
     known += SWEEPER_TRAINER_KEYS
     patience = config.trainer.get("early_stopping_patience")
@@ -91,10 +95,14 @@ def check_trainer_options(config: StudyConfig) -> None:
             raise ConfigError(
                 f"{config.path}: trainer.{key}: not an option of lightning.Trainer{hint}"
             )
+    check_tracking(config)
 
 
 def trainer_options(
-    config: StudyConfig, slot: Slot, params: dict[str, Any] | None = None
+    config: StudyConfig,
+    slot: Slot,
+    params: dict[str, Any] | None = None,
+    logger: pl.loggers.Logger | bool = False,
 ) -> dict[str, Any]:
     """Trainer arguments: sweeper's quiet defaults, then ``[trainer]``, then the device.
 
@@ -109,7 +117,7 @@ def trainer_options(
         **{k: v for k, v in config.trainer.items() if k not in SWEEPER_TRAINER_KEYS},
         "accelerator": "cpu" if slot.gpu is None else "gpu",
         "devices": 1,
-        "logger": False,
+        "logger": logger,
         "enable_progress_bar": False,
     }
     if params and params.get("max_epochs") is not None:
@@ -159,24 +167,35 @@ def run_trial(
     if trial is None:
         return EXIT_NO_TRIAL
     os.write(channel, f"{trial.number}\n".encode())
-    state, value, attrs = _train(config, slot, build, study, trial)
+    run = trial_run(config, trial.number, trial_params(config, trial))
+    state, value, attrs = _train(config, slot, build, study, trial, run)
+    run.ended(state, value, attrs)
     if "error" in attrs:
         print(f"trial {trial.number} failed:\n{attrs['error']}", file=sys.stderr)
     tell(study, trial, state, value, attrs)
     return EXIT_TOLD
 
 
+def trial_params(config: StudyConfig, trial: optuna.Trial) -> dict[str, Any]:
+    """What the task is built with: the fixed values of ``[search]`` and the sampled ones."""
+    return {**parse_space(config.search, config.path).fixed, **trial.params}
+
+
 def _train(
-    config: StudyConfig, slot: Slot, build: Build, study: optuna.Study, trial: optuna.Trial
+    config: StudyConfig,
+    slot: Slot,
+    build: Build,
+    study: optuna.Study,
+    trial: optuna.Trial,
+    run: TrialRun,
 ) -> tuple[TrialState, float | None, dict[str, Any]]:
-    space = parse_space(config.search, config.path)
-    params = {**space.fixed, **trial.params}
+    params = trial_params(config, trial)
     seed = trial_seed(config.study.seed, trial.number)
     pl.seed_everything(seed, workers=True, verbose=False)
     if config.validation.folds > 1:
-        state, value, attrs = _cross_validate(config, slot, build, trial, params)
+        state, value, attrs = _cross_validate(config, slot, build, trial, params, run)
         return state, value, {"seed": seed, **attrs}
-    fit = _fit(config, slot, build, trial, params)
+    fit = _fit(config, slot, build, trial, params, run)
     attrs = {"seed": seed, **fit.attrs}
     recorder = fit.recorder
     if recorder.best is not None:
@@ -213,6 +232,7 @@ def _fit(
     build: Build,
     trial: optuna.Trial,
     params: dict[str, Any],
+    run: TrialRun,
     fold: int | None = None,
     history: list[dict[str, Any]] | None = None,
 ) -> Fit:
@@ -242,7 +262,8 @@ def _fit(
     trainer: pl.Trainer | None = None
     try:
         module, datamodule = build_task(build, params)
-        trainer = pl.Trainer(**trainer_options(config, slot, params), callbacks=callbacks)
+        options = trainer_options(config, slot, params, run.logger())
+        trainer = pl.Trainer(**options, callbacks=callbacks)
         trainer.fit(module, datamodule=datamodule)
     except TrialStopped as stop:
         attrs.update(stop_reason=stop.reason, stop_step=stop.step, diverged=stop.diverged)
@@ -268,7 +289,12 @@ def _fit(
 
 
 def _cross_validate(
-    config: StudyConfig, slot: Slot, build: Build, trial: optuna.Trial, params: dict[str, Any]
+    config: StudyConfig,
+    slot: Slot,
+    build: Build,
+    trial: optuna.Trial,
+    params: dict[str, Any],
+    run: TrialRun,
 ) -> tuple[TrialState, float | None, dict[str, Any]]:
     """Train once per fold; the value is the mean of the folds' best values.
 
@@ -282,9 +308,8 @@ def _cross_validate(
     errors: list[dict[str, Any]] = []
     totals = {"steps": 0, "fit_seconds": 0.0}
     for fold in range(folds):
-        fit = _fit(
-            config, slot, build, trial, {**params, "fold": fold, "folds": folds}, fold, history
-        )
+        fold_params = {**params, "fold": fold, "folds": folds}
+        fit = _fit(config, slot, build, trial, fold_params, run, fold, history)
         totals["steps"] += fit.attrs.get("steps", 0)
         totals["fit_seconds"] += fit.attrs["fit_seconds"]
         best = fit.recorder.best
