@@ -4,7 +4,7 @@ Checks empty inputs and labels, duplicates, inputs with conflicting labels,
 leakage of val into train (exact and after normalising case, white space and
 punctuation), class balance, classes missing from a split, and whether there
 is enough data to learn and to measure. Each finding has a severity: errors
-stop ``sweeper start`` unless ``--force``; warnings are printed and stored on
+stop ``sweeper start`` unless ``--ignore-audit``; warnings are printed and stored on
 the study.
 
 A task offers its examples through :func:`examples_of`: the built-in tasks
@@ -378,11 +378,11 @@ def _needed(step: float) -> int:
     return math.ceil(1 / step)
 
 
-def enforce(result: Audit, config: StudyConfig, force: bool) -> None:
-    """Raise a DataError naming the first error, unless ``force``."""
-    if result.errors and not force:
+def enforce(result: Audit, config: StudyConfig, ignore_audit: bool) -> None:
+    """Raise a DataError naming the first error, unless ``ignore_audit``."""
+    if result.errors and not ignore_audit:
         first = result.errors[0]
         raise DataError(
             f"{config.path}: the data audit found {len(result.errors)} error(s), first: "
-            f"{first.check}: {first.message}; fix the data, or run with --force"
+            f"{first.check}: {first.message}; fix the data, or run with --ignore-audit"
         )

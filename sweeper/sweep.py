@@ -30,6 +30,12 @@ class Outcome:
     report_file: Path
     recovered: list[int]
     study: Any
+    stopped: Any = None
+    """The ``sweeper stop`` request that ended the run short, if one did."""
+
+
+class StopNow(Exception):
+    """``sweeper stop --now`` was asked: end the running trials."""
 
 
 def validate(config: StudyConfig) -> Plan:
@@ -70,17 +76,17 @@ class Checked:
     slots: list[Slot]
 
 
-def check(config: StudyConfig, emit: Callable[[str], None], force: bool = False) -> Checked:
+def check(config: StudyConfig, emit: Callable[[str], None], ignore_audit: bool = False) -> Checked:
     """Audit the data (printing the findings) and validate; nothing is written.
 
-    Errors of the data audit stop here unless ``force``.
+    Errors of the data audit stop here unless ``ignore_audit``.
     """
     from sweeper.audit import audit, enforce
 
     findings = audit(config)
     for line in findings.lines():
         emit(line)
-    enforce(findings, config, force)
+    enforce(findings, config, ignore_audit)
     planned = validate(config)
     for warning in planned.warnings:
         emit(f"warning: {warning}")
@@ -187,7 +193,7 @@ def start(
     n_trials: int | None = None,
     observers: Iterable[Observer] = (),
     earlier: Sequence[tuple[str, str]] = (),
-    force: bool = False,
+    ignore_audit: bool = False,
     checked: Checked | None = None,
 ) -> Outcome:
     """Run the study to ``n_trials`` finished trials on every slot; return the best.
@@ -196,7 +202,7 @@ def start(
     resume, run, summarise. ``emit`` gets one line per event; ``observers``
     join the sweep's hooks; ``earlier`` links the report to the reports of
     earlier nights. Errors of the data audit stop the sweep before anything
-    is written, unless ``force``. A run that ends with fewer than
+    is written, unless ``ignore_audit``. A run that ends with fewer than
     ``n_trials`` finished raises :class:`SweepFailed`, saying what is missing.
     """
     from sweeper import store
@@ -205,7 +211,7 @@ def start(
     from sweeper.results.report import write_report
     from sweeper.run.launcher import Sweep
 
-    checked = checked or check(config, emit, force)
+    checked = checked or check(config, emit, ignore_audit)
     slots = checked.slots
     check_writable(config.output_dir)  # before the study exists: nothing half-made
     study = store.create_or_resume(config)
@@ -213,6 +219,9 @@ def start(
     watchers += list(observers)
     for observer in watchers:
         observer.created(study)
+    withdrawn = store.withdraw_stop(study)
+    if withdrawn is not None:
+        emit(f"resuming the study, {withdrawn.describe()}")
     recovered = store.recover(study, config)
     for number in recovered:
         emit(f"trial {number} was left running by a stopped sweep: failed and enqueued again")
@@ -237,11 +246,17 @@ def start(
         snapshot = store.snapshot(study, config.study.n_trials, since)
         for observer in watchers:
             observer.tick(study, snapshot)
+        request = store.stop_request(study)
+        if request is not None and request.now:
+            raise StopNow
         return verdict(config, snapshot, sweep)
 
     try:
         sweep.start()
         sweep.wait(tick)
+    except StopNow:
+        emit("stopping now (`sweeper stop --now`): running trials are failed and enqueued again")
+        sweep.stop()
     except KeyboardInterrupt:
         emit("stopping: running trials are failed and will be retried by the next start")
         sweep.stop()
@@ -253,7 +268,13 @@ def start(
         for observer in watchers:
             observer.ended(study, ended)
     missing = ended.missing()
-    if missing is not None:
+    stopped = store.stop_request(study) if missing is not None else None
+    if stopped is not None:
+        emit(
+            f"the sweep was {stopped.describe()}: {missing}; `sweeper start {config.path}` "
+            "resumes it"
+        )
+    elif missing is not None:
         raise SweepFailed(
             f"the sweep ended short: {missing}; run `sweeper start {config.path}` again to "
             "finish it"
@@ -265,6 +286,7 @@ def start(
         write_report(config, study, earlier=earlier),
         recovered,
         study,
+        stopped,
     )
 
 

@@ -46,7 +46,7 @@ def test_planted_problems_are_found_with_their_rows(study_dir: StudyDir, model_d
     result = run_sweeper("start", str(path))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "the data audit found 3 error(s)" in result.stderr
-    assert "fix the data, or run with --force" in result.stderr
+    assert "fix the data, or run with --ignore-audit" in result.stderr
     out = result.stdout
     assert "conflicting labels: 1 input(s) appear with different labels" in out
     assert "'the day': train.csv:5 (positive), train.csv:6 (negative)" in out
@@ -77,7 +77,7 @@ def test_force_runs_and_stores_the_audit_on_the_study(
     path = study_dir.write({**data, "study": {**data["study"], "n_trials": 1}})
     write_csv(study_dir.root / "val.csv", [*PLANTED_VAL[:2], PLANTED_VAL[3]] * 4)
     write_csv(study_dir.root / "train.csv", PLANTED_TRAIN * 4)
-    result = run_sweeper("start", str(path), "--force")
+    result = run_sweeper("start", str(path), "--ignore-audit")
     assert result.returncode == 0, result.stdout + result.stderr
     study = optuna.load_study(study_name="text", storage=f"sqlite:///{study_dir.root / 'text.db'}")
     stored = study.user_attrs["data_audit"]

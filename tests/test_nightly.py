@@ -87,7 +87,7 @@ def test_three_nights_warm_start_lock_regression_and_webhook(
     night_dir = study_dir.root / "tiny" / "nights"
 
     first = subprocess.Popen(
-        [*sweeper_cmd("nightly", str(path), "--date", "2026-11-20")],
+        [*sweeper_cmd("nightly", str(path), "--night", "2026-11-20")],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -99,7 +99,7 @@ def test_three_nights_warm_start_lock_regression_and_webhook(
         if line.startswith("warm start:"):
             break
     started = time.monotonic()
-    second = run_sweeper("nightly", str(path), "--date", "2026-11-20")
+    second = run_sweeper("nightly", str(path), "--night", "2026-11-20")
     assert second.returncode == 0, second.stderr
     assert "another `sweeper nightly` of study 'tiny' is running" in second.stdout
     assert f"(process {first.pid} on {socket.gethostname()} holds" in second.stdout
@@ -117,7 +117,7 @@ def test_three_nights_warm_start_lock_regression_and_webhook(
     assert len(night1.trials) == 4, "the second run added nothing"
 
     path = study_dir.write(nightly_study(hook.url))
-    result = run_sweeper("nightly", str(path), "--date", "2026-11-21")
+    result = run_sweeper("nightly", str(path), "--night", "2026-11-21")
     assert result.returncode == 0, result.stdout + result.stderr
     top = sorted(
         (t for t in night1.trials if t.value is not None), key=lambda t: t.value, reverse=True
@@ -127,7 +127,7 @@ def test_three_nights_warm_start_lock_regression_and_webhook(
     assert [t.params for t in first_two] == [t.params for t in top]
     assert first_two[0].user_attrs["warm_start_from"] == f"night 2026-11-20 trial {top[0].number}"
 
-    again = run_sweeper("nightly", str(path), "--date", "2026-11-21")
+    again = run_sweeper("nightly", str(path), "--night", "2026-11-21")
     assert again.returncode == 0 and "already finished" in again.stdout
     assert len(night_study(study_dir, "2026-11-21").trials) == 4
 
@@ -141,7 +141,7 @@ def test_three_nights_warm_start_lock_regression_and_webhook(
             }
         }
     )
-    result = run_sweeper("nightly", str(path), "--date", "2026-11-22")
+    result = run_sweeper("nightly", str(path), "--night", "2026-11-22")
     assert result.returncode == EXIT_REGRESSION, result.stdout + result.stderr
     assert "clipped to 2e-07" in result.stdout
     assert "regression: worse than night 2026-11-21" in result.stdout
@@ -180,7 +180,7 @@ def test_three_nights_warm_start_lock_regression_and_webhook(
 def test_a_dead_webhook_never_fails_the_night_nor_shows_its_token(study_dir: StudyDir) -> None:
     port = free_port()
     path = study_dir.write(nightly_study(f"http://127.0.0.1:{port}/hook/T0KEN-1?key=K3Y-2#F-3"))
-    result = run_sweeper("nightly", str(path), "--date", "2026-11-20")
+    result = run_sweeper("nightly", str(path), "--night", "2026-11-20")
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"notify http://127.0.0.1:{port}/...: attempt 3 of 3 failed" in result.stdout
     assert "gave up; the night's result stands" in result.stdout
@@ -242,7 +242,7 @@ def test_a_webhook_that_answers_a_byte_a_second_cannot_keep_the_night_alive(
     url = f"http://127.0.0.1:{trickle.port}/hooks/T0KEN-abc?key=K3Y-def"
     path = study_dir.write(study(study={"n_trials": 2}, schedule={"notify": url}))
     night = subprocess.Popen(
-        sweeper_cmd("nightly", str(path), "--date", "2026-11-20"),
+        sweeper_cmd("nightly", str(path), "--night", "2026-11-20"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -302,7 +302,7 @@ def test_a_lock_whose_holder_is_gone_is_taken_over(study_dir: StudyDir) -> None:
     assert holder.returncode == 0, holder.stderr
     gone, child = (int(pid) for pid in holder.stdout.split())
     try:
-        result = run_sweeper("nightly", str(path), "--date", "2026-11-20")
+        result = run_sweeper("nightly", str(path), "--night", "2026-11-20")
     finally:
         os.kill(child, signal.SIGKILL)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -337,9 +337,9 @@ def test_a_live_holder_keeps_the_lock_and_a_reused_pid_does_not(tmp_path: Path) 
 
 def test_bad_date_is_refused_and_nothing_written(study_dir: StudyDir) -> None:
     path = study_dir.write(nightly_study("http://127.0.0.1:9/hook"))
-    result = run_sweeper("nightly", str(path), "--date", "2026-13-01")
+    result = run_sweeper("nightly", str(path), "--night", "2026-13-01")
     assert result.returncode == 2
-    assert "--date: expected YYYY-MM-DD, got '2026-13-01'" in result.stderr
+    assert "--night: expected YYYY-MM-DD, got '2026-13-01'" in result.stderr
     assert study_dir.created() == []
 
 
@@ -367,7 +367,7 @@ def test_fit_to_space_clips_drops_and_skips() -> None:
     assert fitted is None and notes == ["optimizer = 'lion' is no longer a choice: skipped"]
 
 
-def test_an_interrupted_night_resumes_and_force_runs_a_finished_one_again(
+def test_an_interrupted_night_resumes_and_rerun_runs_a_finished_one_again(
     study_dir: StudyDir,
 ) -> None:
     import signal
@@ -378,7 +378,7 @@ def test_an_interrupted_night_resumes_and_force_runs_a_finished_one_again(
         nightly_study("http://127.0.0.1:9/hook", sleep=0.2) | {"schedule": {"warm_start_top_k": 2}}
     )
     night = subprocess.Popen(
-        sweeper_cmd("nightly", str(path), "--date", "2026-11-20"),
+        sweeper_cmd("nightly", str(path), "--night", "2026-11-20"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -401,7 +401,7 @@ def test_an_interrupted_night_resumes_and_force_runs_a_finished_one_again(
     assert night.returncode == 130, out + err
     assert not (study_dir.root / "tiny" / "nights" / "2026-11-20" / "summary.json").exists()
 
-    resumed = run_sweeper("nightly", str(path), "--date", "2026-11-20")
+    resumed = run_sweeper("nightly", str(path), "--night", "2026-11-20")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming night 2026-11-20" in resumed.stdout
     assert "warm start:" not in resumed.stdout, "the warm start is enqueued once"
@@ -414,9 +414,9 @@ def test_an_interrupted_night_resumes_and_force_runs_a_finished_one_again(
         == "first"
     )
 
-    forced = run_sweeper("nightly", str(path), "--date", "2026-11-20", "--force")
+    forced = run_sweeper("nightly", str(path), "--night", "2026-11-20", "--rerun")
     assert forced.returncode == 0, forced.stdout + forced.stderr
-    assert "--force: night 2026-11-20 deleted, running it again" in forced.stdout
+    assert "--rerun: night 2026-11-20 deleted, running it again" in forced.stdout
     again = night_study(study_dir, "2026-11-20").get_trials()
     assert len(again) == 4 and all(t.state == TrialState.COMPLETE for t in again)
 
@@ -429,7 +429,7 @@ def test_bad_data_stops_a_night_before_anything_is_written(study_dir: StudyDir) 
         "            'val': [{'text': 'y', 'label': 'a'}, {'text': 'z', 'label': 'b'}]}\n"
     )
     path = study_dir.write(nightly_study("http://127.0.0.1:9/hook"))
-    result = run_sweeper("nightly", str(path), "--date", "2026-11-20")
+    result = run_sweeper("nightly", str(path), "--night", "2026-11-20")
     assert result.returncode == 2, result.stdout + result.stderr
     assert "conflicting labels" in result.stdout
     assert "'x': train row 1 (a), train row 2 (b)" in result.stdout

@@ -266,8 +266,10 @@ def test_unknown_label_in_val_and_empty_file(study_dir: StudyDir, model_dir: Pat
     message = " ".join(result.output.split())
     assert "missing class: train has no example of 'mixed': the model never learns it" in message
     assert "val.csv:2 (mixed): 'good day'" in message
-    result = runner.invoke(app, ["start", str(path), "--force"])
-    assert result.exit_code == 2, "--force passes the audit, not a label the model cannot have"
+    result = runner.invoke(app, ["start", str(path), "--ignore-audit"])
+    assert result.exit_code == 2, (
+        "--ignore-audit passes the audit, not a label the model cannot have"
+    )
     assert "task.val: row 1 has label 'mixed', which the training data does not have" in " ".join(
         result.output.split()
     )

@@ -57,7 +57,8 @@ def run_night(
     config: StudyConfig,
     night: dt.date,
     *,
-    force: bool,
+    rerun: bool = False,
+    ignore_audit: bool = False,
     emit: Callable[[str], None],
     live: Callable[[Any], None] | None = None,
 ) -> int:
@@ -72,7 +73,8 @@ def run_night(
             emit(_busy(config, lock.path, holder))
             return 0
         lock.release()
-    checked = check(tonight, emit)  # bad data or input stops the night before any write
+    # bad data or input stops the night before any write
+    checked = check(tonight, emit, ignore_audit)
     lock.path.parent.mkdir(parents=True, exist_ok=True)
     holder = lock.acquire(emit)
     if holder is not None:
@@ -80,15 +82,15 @@ def run_night(
         return 0
     try:
         finished = stored_summary(config, night)
-        if finished is not None and not force:
+        if finished is not None and not rerun:
             emit(
                 f"night {night} of study {config.study.name!r} already finished "
-                f"({finished['status']}); --force runs it again"
+                f"({finished['status']}); --rerun runs it again"
             )
             return 0
         if finished is not None:
             store.delete(tonight)
-            emit(f"--force: night {night} deleted, running it again")
+            emit(f"--rerun: night {night} deleted, running it again")
         previous = earlier_night(config, night)
         observers: list[Observer] = [WarmStart(tonight, previous, emit)]
         if live is not None:
@@ -100,6 +102,8 @@ def run_night(
             earlier=earlier_reports(config, night),
             checked=checked,
         )
+        if outcome.stopped is not None:
+            return 0  # unfinished: the next `sweeper nightly` of this night resumes it
         study = outcome.study
         summary = summarize(tonight, study, previous)
         summary["report"] = str(outcome.report_file)

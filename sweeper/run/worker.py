@@ -65,8 +65,12 @@ class Worker:
         self.unclaimed = 0
 
     def run(self) -> int:
-        """Fork trials until the study has ``n_trials``; returns the exit code."""
+        """Fork trials until the study has ``n_trials`` or is stopped; returns the exit code."""
+        from sweeper.store import stop_request
+
         while not self.stopping:
+            if stop_request(self.study) is not None:
+                break  # `sweeper stop`: start no new trial
             if not self._run_one() and not self._await_other_hosts():
                 break
         return self.code
@@ -83,14 +87,14 @@ class Worker:
 
         from optuna.trial import TrialState
 
-        from sweeper.store import fail_stale
+        from sweeper.store import fail_stale, stop_request
 
         def failed() -> int:
             return len(self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
 
         host = socket.gethostname()
         before = failed()
-        while not self.stopping:
+        while not self.stopping and stop_request(self.study) is None:
             if failed() > before:
                 return True  # a place opened: claim again
             running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))

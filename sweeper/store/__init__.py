@@ -35,6 +35,7 @@ from sweeper.store.outcomes import (
     tell,
 )
 from sweeper.store.rows import read_trials
+from sweeper.store.stops import StopRequest, request_stop, stop_request, withdraw_stop
 from sweeper.store.studies import (
     create_or_resume,
     delete,
@@ -51,6 +52,7 @@ __all__ = [
     "Owner",
     "SamplerFailed",
     "Snapshot",
+    "StopRequest",
     "claim",
     "claim_lock",
     "counts",
@@ -70,9 +72,12 @@ __all__ = [
     "process_start",
     "read_trials",
     "recover",
+    "request_stop",
     "snapshot",
     "sqlite_path",
+    "stop_request",
     "storage_failure",
     "study_names",
     "tell",
+    "withdraw_stop",
 ]
