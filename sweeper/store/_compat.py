@@ -1,8 +1,9 @@
 """Every private Optuna attribute sweeper relies on, checked once when imported.
 
 Optuna's public API has no way to name a trial's storage id, reach the
-storage under a study's cache, read trials as plain rows, or show its GP
-sampler more trials than the complete ones. Those few accesses live here, and
+storage under a study's cache, read trials as plain rows, list the trials
+whose heartbeat went silent, or show its GP sampler more trials than the
+complete ones. Those few accesses live here, and
 this module checks at import that they still exist, so an Optuna release that
 moves them fails with one clear message instead of deep inside a sweep.
 """
@@ -30,6 +31,7 @@ __all__ = [
     "backend",
     "gp_sampler_seeing",
     "models",
+    "stale_trial_ids",
     "storage_of",
     "study_id",
     "trial_id",
@@ -61,6 +63,14 @@ def backend(study: optuna.Study) -> Any:
     """The storage under the study's cache layer: an RDBStorage for every URL sweeper opens."""
     storage = storage_of(study)
     return getattr(storage, "_backend", storage)
+
+
+def stale_trial_ids(study: optuna.Study) -> list[int]:
+    """Storage ids of the RUNNING trials whose heartbeat has been silent past the grace period."""
+    storage = backend(study)
+    if getattr(storage, "heartbeat_interval", None) is None:
+        return []
+    return [int(found) for found in storage._get_stale_trial_ids(study_id(study))]
 
 
 Transform = Callable[
@@ -117,6 +127,8 @@ def _check() -> None:
         missing = columns - set(model.__table__.columns.keys())
         if missing:
             problems.append(f"{model.__name__} lacks {', '.join(sorted(missing))}")
+    if not callable(getattr(optuna.storages.RDBStorage, "_get_stale_trial_ids", None)):
+        problems.append("RDBStorage._get_stale_trial_ids is gone")
     for model, name in (
         (models.TrialValueModel, "stored_repr_to_value"),
         (models.TrialIntermediateValueModel, "stored_repr_to_intermediate_value"),

@@ -17,11 +17,12 @@ from sqlalchemy.exc import ArgumentError
 
 from sweeper.errors import StorageError
 
-HEARTBEAT_INTERVAL = 20
-"""Seconds between heartbeats of a running trial."""
-
 GRACE_PERIOD = int(os.environ.get("SWEEPER_HEARTBEAT_GRACE", "120"))
 """Seconds without a heartbeat after which a trial of a lost machine is failed."""
+
+HEARTBEAT_INTERVAL = max(1, min(20, GRACE_PERIOD // 4))
+"""Seconds between heartbeats of a running trial: well inside the grace period, so a
+live trial never looks lost (20 s for the default grace of two minutes)."""
 
 SQLITE_BUSY_TIMEOUT = 120.0
 """Seconds a SQLite writer waits for the lock before giving up."""

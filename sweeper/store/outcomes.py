@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +14,9 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.config import StudyConfig
-from sweeper.store._compat import backend, storage_of, study_id, trial_id
+from sweeper.store._compat import backend, stale_trial_ids, storage_of, study_id, trial_id
 from sweeper.store.claims import Owner, claim_lock
-from sweeper.store.open import retrying
+from sweeper.store.open import GRACE_PERIOD, retrying
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 """The states that count toward ``n_trials``."""
@@ -144,11 +143,19 @@ def recover(study: optuna.Study, config: StudyConfig) -> list[int]:
         return fail_orphans(study, socket.gethostname())
 
 
-def fail_stale(study: optuna.Study) -> None:
-    """Fail (and enqueue again, once) the trials whose heartbeat has been silent too long."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+def fail_stale(study: optuna.Study) -> list[int]:
+    """Fail and enqueue again the trials whose heartbeat has been silent too long; their numbers.
+
+    Their machine is gone (or cut off): not the trial's fault, so retried
+    without limit, with a stop reason that says so. Several machines may race
+    to fail the same trial: one wins, and only its retry is enqueued.
+    """
+    failed = []
+    reason = f"{INTERRUPTED}: its machine went silent (no heartbeat for {GRACE_PERIOD} s)"
+    for found in stale_trial_ids(study):
+        if _fail(study, found, reason, retries=None):
+            failed.append(storage_of(study).get_trial(found).number)
+    return failed
 
 
 def heartbeat(study: optuna.Study, number: int) -> None:
