@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.request
@@ -26,6 +27,7 @@ from tests.conftest import (
     sweeper_cmd,
     toml_text,
 )
+from tests.test_sweep import descendants, wait_for
 from tests.test_views import wait_http
 
 MARIADB = os.environ.get("SWEEPER_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306")
@@ -51,15 +53,17 @@ def mariadb() -> Iterator[str]:
         admin.close()
 
 
-def machine(root: Path, name: str, url: str, n_trials: int) -> Path:
+def machine(
+    root: Path, name: str, url: str, n_trials: int, sleep: float = 0.02, workers: int = 2
+) -> Path:
     """A folder standing for one machine: its own copy of the study file and task."""
     folder = root / name
     folder.mkdir()
     shutil.copy(FIXTURES / "tiny_task.py", folder / "tiny_task.py")
     data = study(
         study={"n_trials": n_trials, "storage": url},
-        search={**BASE["search"], "sleep": 0.02},
-        resources={"devices": "cpu", "cpu_workers": 2},
+        search={**BASE["search"], "sleep": sleep},
+        resources={"devices": "cpu", "cpu_workers": workers},
     )
     path = folder / "study.toml"
     path.write_text(toml_text(data))
@@ -68,6 +72,31 @@ def machine(root: Path, name: str, url: str, n_trials: int) -> Path:
 
 def start(path: Path) -> list[str]:
     return sweeper_cmd("start", str(path))
+
+
+def join(name: str, path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`sweeper start` on a machine of its own: its own host name (a UTS namespace) and its
+    own process group, as a pod has."""
+    return subprocess.Popen(
+        ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *start(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def lose(sweep: subprocess.Popen[str]) -> None:
+    """The whole machine goes at once: every process of its sweep frozen, then killed."""
+    groups = {os.getpgid(pid) for pid in [sweep.pid, *descendants(sweep.pid)]}
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for group in groups:
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                continue
+    sweep.communicate(timeout=30)
 
 
 def test_two_machines_share_one_study_and_run_exactly_n_trials(
@@ -79,14 +108,7 @@ def test_two_machines_share_one_study_and_run_exactly_n_trials(
     assert created.returncode == 0, created.stdout + created.stderr
 
     # Each machine gets a host name of its own (a UTS namespace), as trials record it.
-    sweeps = [
-        subprocess.Popen(
-            ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *start(path)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for name, path in (("machine-a", first), ("machine-b", second))
-    ]
+    sweeps = [join(name, path) for name, path in (("machine-a", first), ("machine-b", second))]
     outputs = [sweep.communicate(timeout=600)[0] for sweep in sweeps]
     assert [sweep.returncode for sweep in sweeps] == [0, 0], outputs
 
@@ -121,6 +143,72 @@ def test_two_machines_share_one_study_and_run_exactly_n_trials(
         server.terminate()
         server.wait(timeout=30)
     assert study["name"] == "tiny" and len(study["trials"]) == 12
+
+
+def test_a_machine_lost_mid_sweep_is_replaced_and_the_study_ends_exact(
+    tmp_path: Path, database: str
+) -> None:
+    """Three machines of one slot each (pods of one GPU) share a study; one is killed whole
+    (kill -9 of every process) while its trial runs, and a new one joins, as Kubernetes
+    replaces a lost pod. Trials outlast the heartbeat grace period of 6 s: a live machine's
+    trial must not be taken for a lost one."""
+    n_trials = 10
+    env = {**os.environ, "SWEEPER_HEARTBEAT_GRACE": "6", "PYTHONUNBUFFERED": "1"}
+    names = ("machine-a", "machine-b", "machine-c", "machine-d")
+    paths = {name: machine(tmp_path, name, database, n_trials, 0.6, workers=1) for name in names}
+    sweeps = {name: join(name, paths[name], env) for name in names[:3]}
+
+    def trials() -> list[optuna.trial.FrozenTrial]:
+        return optuna.load_study(study_name="tiny", storage=database).trials
+
+    def running_on_b() -> list[optuna.trial.FrozenTrial]:
+        try:
+            now = trials()
+        except KeyError:  # not created yet
+            return []
+        busy = [t for t in now if t.state == TrialState.RUNNING and "device" in t.user_attrs]
+        done = [t for t in now if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        on_b = [t for t in busy if t.user_attrs["host"] == "machine-b"]
+        return on_b if len(done) >= 2 else []
+
+    try:
+        wait_for(running_on_b, timeout=120, what="machine-b running a trial")
+        lose(sweeps.pop("machine-b"))
+        lost = [t for t in trials() if t.state == TrialState.RUNNING]
+        lost = [t for t in lost if t.user_attrs["host"] == "machine-b"]
+        assert lost, "machine-b was running trials when it was lost"
+        sweeps["machine-d"] = join("machine-d", paths["machine-d"], env)
+        outputs = {name: sweep.communicate(timeout=180) for name, sweep in sweeps.items()}
+    finally:
+        for sweep in sweeps.values():
+            if sweep.poll() is None:
+                os.killpg(sweep.pid, signal.SIGKILL)
+    codes = {name: sweep.returncode for name, sweep in sweeps.items()}
+    assert codes == dict.fromkeys(("machine-a", "machine-c", "machine-d"), 0), outputs
+
+    final = trials()
+    finished = [t for t in final if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == n_trials, [(t.number, t.state.name) for t in final]
+    assert not [t for t in final if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    by_number = {t.number: t for t in final}
+    for gone in lost:
+        failed = by_number[gone.number]
+        assert failed.state == TrialState.FAIL, "the lost trial failed"
+        reason = failed.user_attrs.get("stop_reason", "")
+        assert reason.startswith("interrupted: its machine went silent"), failed.user_attrs
+        retries = [t for t in finished if t.system_attrs.get("failed_trial") == gone.number]
+        assert len(retries) == 1, f"trial {gone.number} was retried once"
+        assert retries[0].params == gone.params, "with the same params"
+        assert retries[0].user_attrs["host"] != "machine-b", "by a machine still there"
+    assert {t.user_attrs["host"] for t in finished} >= {"machine-a", "machine-c", "machine-d"}
+
+    lines = set()
+    for name in names:
+        shown = run_sweeper("status", str(paths[name]))
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        lines.add(shown.stdout.splitlines()[0])
+    assert len(lines) == 1, lines
+    assert f"{n_trials}/{n_trials} finished" in lines.pop()
 
 
 def claim_until_full(path: str) -> None:
