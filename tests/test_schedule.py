@@ -30,14 +30,16 @@ UNIT = re.compile(r"sweeper-nightly-tiny-[0-9a-f]{8}\.(service|timer)")
 class Systemd:
     """A unit folder under XDG_CONFIG_HOME and a ``systemctl`` that only records its calls."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, fails_with: str | None = None) -> None:
         self.config = root / "config"
         self.units = self.config / "systemd" / "user"
         self.log = root / "systemctl.log"
         bin_dir = root / "bin"
         bin_dir.mkdir()
         fake = bin_dir / "systemctl"
-        fake.write_text(f'#!/bin/sh\necho "$*" >> {shlex.quote(str(self.log))}\n')
+        record = f'echo "$*" >> {shlex.quote(str(self.log))}'
+        fail = f"echo {shlex.quote(fails_with)} >&2; exit 1" if fails_with else "exit 0"
+        fake.write_text(f"#!/bin/sh\n{record}\n{fail}\n")
         fake.chmod(0o755)
         self.env = {
             **os.environ,
@@ -248,6 +250,26 @@ def test_systemd_units_install_and_remove(study_dir: StudyDir, systemd: Systemd)
     result = systemd.run("schedule", "remove", str(path), "--systemd")
     assert result.returncode == 0 and systemd.files() == []
     assert systemd.calls() == [f"--user disable --now {timer}"]
+
+
+def test_install_enables_the_timer_and_fails_when_systemctl_fails(
+    study_dir: StudyDir, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    path = study_dir.write(study(schedule={"cron": "0 2 * * *", "timezone": "Europe/Paris"}))
+    working = Systemd(tmp_path_factory.mktemp("systemd"))
+    result = working.run("schedule", "install", str(path), "--systemd")
+    assert result.returncode == 0, result.stderr
+    _, timer = working.files()
+    assert working.calls() == ["--user daemon-reload", f"--user enable --now {timer}"]
+
+    no_bus = "Failed to connect to bus: No medium found"
+    broken = Systemd(tmp_path_factory.mktemp("systemd"), fails_with=no_bus)
+    result = broken.run("schedule", "install", str(path), "--systemd")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"systemctl --user daemon-reload failed: {no_bus}" in result.stderr
+    assert "install with --no-enable" in result.stderr
+    assert len(broken.files()) == 2, "the units are written for systemd to enable later"
 
 
 def test_two_study_files_of_one_study_name_keep_their_own_units(

@@ -48,6 +48,12 @@ class ScheduleError(SweeperError):
     exit_code = 2
 
 
+class EnableFailed(SweeperError):
+    """The units are written but systemd did not enable them."""
+
+    exit_code = 1
+
+
 def cron_expression(config: StudyConfig) -> str:
     """``[schedule] cron``, which installing requires, as five fields or a nickname on one line."""
     if config.schedule.cron is None:
@@ -405,11 +411,17 @@ def install_systemd(config: StudyConfig, enable: bool, emit: Callable[[str], Non
         emit("to enable it: " + "; ".join(shlex.join(c) for c in commands))
         return written
     for command in commands:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+        except OSError as exc:
+            result = subprocess.CompletedProcess(command, 127, "", exc.strerror or str(exc))
         if result.returncode != 0:
-            emit(f"{shlex.join(command)} failed: {result.stderr.strip()}")
-            emit("to enable it: " + "; ".join(shlex.join(c) for c in commands))
-            break
+            why = " ".join(result.stderr.split()) or f"exit code {result.returncode}"
+            raise EnableFailed(
+                f"{shlex.join(command)} failed: {why}; the units are written in {folder}: "
+                f"enable them with `{'; '.join(shlex.join(c) for c in commands)}` where "
+                "systemd runs, or install with --no-enable"
+            )
     return written
 
 
