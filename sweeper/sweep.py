@@ -154,12 +154,17 @@ class LiveView(Observer):
 
 
 class ChartPublisher(Observer):
-    """Keeps sweeper's charts in the dashboard fresh while trials finish."""
+    """Names the objective and keeps sweeper's charts in the dashboard fresh."""
 
     def __init__(self, config: StudyConfig) -> None:
         self.config = config
         self.at = 0.0
         self.finished = 0
+
+    def created(self, study: Any) -> None:
+        from sweeper.results.dashboard import name_objective
+
+        name_objective(self.config, study)
 
     def tick(self, study: Any, snapshot: Any) -> None:
         from sweeper.results.dashboard import publish

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
@@ -143,6 +144,23 @@ def test_dashboard_beyond_loopback_warns(swept: StudyDir) -> None:
         server.terminate()
         server.wait(timeout=30)
     assert "the dashboard has no authentication" in server.stderr.read()
+
+
+def test_the_dashboard_names_the_objective_after_the_metric(swept: StudyDir) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        sweeper_cmd("dashboard", str(swept.root / "study.toml"), "--port", str(port)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/studies")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/1") as answer:
+            shown = json.loads(answer.read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert shown["objective_names"] == ["val_acc"], "not 'Objective 0'"
 
 
 def test_sigterm_stops_the_dashboard_even_while_it_answers(swept: StudyDir) -> None:

@@ -109,6 +109,16 @@ def serve(config: StudyConfig, host: str, port: int, warn: Callable[[str], None]
         server.server_close()
 
 
+def name_objective(config: StudyConfig, study: optuna.Study) -> None:
+    """Name the objective after the study's metric: the dashboard shows it, not "Objective 0"."""
+    import warnings
+
+    if study.metric_names != [config.study.metric]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([config.study.metric])
+
+
 def publish(config: StudyConfig, study: optuna.Study) -> None:
     """Save sweeper's charts into the study, where optuna-dashboard shows them.
 
