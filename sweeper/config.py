@@ -217,6 +217,8 @@ class TrackingSection(_Section):
     """
 
     backend: Literal["tensorboard", "mlflow", "wandb"]
+    """The tracker each trial's run goes to; its package is an extra of sweeper
+    (`pip install 'sweeper[mlflow]'`)."""
     dir: str | None = Field(default=None, min_length=1, max_length=1000)
     """tensorboard, wandb: the folder runs are written to, relative to the study file
     (default: `tensorboard/` beside it for TensorBoard, the study file's folder for W&B,
