@@ -335,6 +335,22 @@ def test_a_live_holder_keeps_the_lock_and_a_reused_pid_does_not(tmp_path: Path) 
     first.release()
 
 
+def test_a_night_with_no_completed_trial_after_an_earlier_night_exits_1(
+    study_dir: StudyDir,
+) -> None:
+    path = study_dir.write(nightly_study("http://127.0.0.1:9/hook"))
+    first = run_sweeper("nightly", str(path), "--night", "2026-11-20")
+    assert first.returncode == 0, first.stdout + first.stderr
+    # Tonight searches only learning rates that diverge: every trial is pruned.
+    diverging = nightly_study("http://127.0.0.1:9/hook", lr={"low": 1e4, "high": 1e5, "log": True})
+    path = study_dir.write(diverging)
+    night = run_sweeper("nightly", str(path), "--night", "2026-11-21")
+    assert night.returncode == 1, night.stdout + night.stderr
+    summary = night_study(study_dir, "2026-11-21").user_attrs["night_summary"]
+    assert summary["status"] == "no-result" and summary["best_value"] is None
+    assert "no-result" in run_sweeper("history", str(path)).stdout
+
+
 def test_bad_date_is_refused_and_nothing_written(study_dir: StudyDir) -> None:
     path = study_dir.write(nightly_study("http://127.0.0.1:9/hook"))
     result = run_sweeper("nightly", str(path), "--night", "2026-13-01")

@@ -277,7 +277,7 @@ def summarize(
         "warm_start": study.user_attrs.get(WARM_START_ATTR, []),
     }
     if best is None:
-        summary["status"] = "no-result" if previous is None else "regression"
+        summary["status"] = "no-result"  # nothing to compare: a failure, not a regression
         return summary
     if previous is None:
         summary["status"] = "first"
