@@ -1,7 +1,8 @@
 """Every private Optuna attribute sweeper relies on, checked once when imported.
 
 Optuna's public API has no way to name a trial's storage id, reach the
-storage under a study's cache, read trials as plain rows, list the trials
+storage under a study's cache, read trials as plain rows (also in place of
+its storage's own ``_get_trials``), list the trials
 whose heartbeat went silent, or show its GP sampler more trials than the
 complete ones. Those few accesses live here, and
 this module checks at import that they still exist, so an Optuna release that
@@ -127,6 +128,15 @@ def _check() -> None:
         missing = columns - set(model.__table__.columns.keys())
         if missing:
             problems.append(f"{model.__name__} lacks {', '.join(sorted(missing))}")
+    get_trials = getattr(optuna.storages.RDBStorage, "_get_trials", None)
+    if get_trials is None or list(inspect.signature(get_trials).parameters) != [
+        "self",
+        "study_id",
+        "states",
+        "included_trial_ids",
+        "trial_id_greater_than",
+    ]:
+        problems.append("RDBStorage._get_trials changed")
     if not callable(getattr(optuna.storages.RDBStorage, "_get_stale_trial_ids", None)):
         problems.append("RDBStorage._get_stale_trial_ids is gone")
     for model, name in (
