@@ -45,6 +45,32 @@ class SearchSpace:
         )
 
 
+def space_changes(stored: str, current: str) -> str:
+    """What differs between two fingerprints, parameter by parameter (one line)."""
+
+    def entries(fingerprint: str) -> dict[str, Any]:
+        data = json.loads(fingerprint)
+        found = {
+            name: dist.get("attributes", dist) for name, dist in data["distributions"].items()
+        }
+        found.update({name: {"value": value} for name, value in data["fixed"].items()})
+        return found
+
+    def shown(entry: dict[str, Any]) -> str:
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(entry.items()) if v is not None)
+
+    before, after = entries(stored), entries(current)
+    changes = []
+    for name in sorted(before.keys() | after.keys()):
+        if name not in after:
+            changes.append(f"{name} removed")
+        elif name not in before:
+            changes.append(f"{name} added")
+        elif before[name] != after[name]:
+            changes.append(f"{name} changed ({shown(before[name])} -> {shown(after[name])})")
+    return ", ".join(changes)
+
+
 def parse_space(search: Mapping[str, Any], path: Path) -> SearchSpace:
     """Turn the ``[search]`` table into a :class:`SearchSpace`, or raise ConfigError."""
     distributions: dict[str, BaseDistribution] = {}

@@ -162,7 +162,11 @@ def test_changed_search_space_is_refused(study_dir: StudyDir) -> None:
     study_dir.write(study(study={"n_trials": 2}, search={"lr": {"low": 1e-4, "high": 1.0}}))
     result = run_sweeper("start", str(path))
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "search: the search space changed since the study 'tiny' was created" in result.stderr
+    assert "search: the search space changed since the study 'tiny' was created: " in result.stderr
+    assert (
+        "hidden removed, lr changed (high=1.0 log=true low=0.001 -> high=1.0 log=false "
+        "low=0.0001)" in result.stderr
+    )
     assert "new name" in result.stderr
     assert study_dir.db.read_bytes() == before
 

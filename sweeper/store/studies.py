@@ -134,9 +134,12 @@ def _check_same_study(config: StudyConfig, study: optuna.Study, space: SearchSpa
         )
     stored = study.user_attrs.get(SPACE_ATTR)
     if stored is not None and stored != space.fingerprint():
+        from sweeper.space import space_changes
+
         raise ConfigError(
             f"{config.path}: search: the search space changed since the study "
-            f"{config.study.name!r} was created; its trials would not be comparable. Give "
+            f"{config.study.name!r} was created: {space_changes(stored, space.fingerprint())}; "
+            "its trials would not be comparable. Give "
             "[study] a new name (or remove its storage) to start a new study"
         )
     stored_metric = study.user_attrs.get(METRIC_ATTR)
