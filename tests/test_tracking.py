@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import time
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 from sweeper.cli import app
 from sweeper.config import load_config
 from sweeper.run.tracking import outcome, trial_run
-from tests.conftest import StudyDir, one_line_error, run_sweeper, study, sweeper_cmd
+from tests.conftest import FIXTURES, StudyDir, one_line_error, run_sweeper, study, sweeper_cmd
 from tests.test_fuzz import FULL, assert_refused, bad_values
 
 runner = CliRunner()
@@ -165,6 +166,40 @@ def test_mlflow_nests_a_run_per_trial_under_the_study_run(
         )
         if trial.state == TrialState.COMPLETE:
             assert run.data.metrics["sweeper.value"] == pytest.approx(trial.value)
+
+
+def test_a_cross_validated_trial_is_one_run_across_its_folds(study_dir: StudyDir) -> None:
+    from mlflow import MlflowClient
+
+    shutil.copy(FIXTURES / "scripted_task.py", study_dir.root / "scripted_task.py")
+    path = study_dir.write(
+        study(
+            study={"n_trials": 2, "keep_weights": 0},
+            task={"name": "scripted_task:build"},
+            trainer={"max_epochs": 3},
+            search={"scale": {"low": 0.5, "high": 1.0, "step": 0.5}, "curve": "0.5,0.9,0.8"},
+            sampler={"name": "grid"},
+            pruner={"name": "threshold", "lower": 0.6},
+            validation={"folds": 3},
+            resources={"devices": "cpu", "cpu_workers": 1},
+            tracking={"backend": "mlflow"},
+        )
+    )
+    result = run_sweeper("start", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(f"sqlite:///{study_dir.root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    by_scale = {r.data.params["scale"]: r for r in runs if "sweeper.trial" in r.data.tags}
+    assert sorted(by_scale) == ["0.5", "1.0"]
+    good, bad = by_scale["1.0"], by_scale["0.5"]
+    assert good.data.params == {"scale": "1.0", "curve": "0.5,0.9,0.8"}
+    assert good.data.tags["sweeper.outcome"] == "complete"
+    assert good.data.metrics["sweeper.value"] == pytest.approx(0.9)
+    assert len(client.get_metric_history(good.info.run_id, "val_acc")) == 3 * 3
+    assert bad.data.tags["sweeper.outcome"] == "pruned"
+    assert bad.data.tags["sweeper.stop_reason"] == "pruned by threshold after fold 1 of 3"
 
 
 # W&B

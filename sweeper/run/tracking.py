@@ -119,7 +119,7 @@ class _TrackedRun(TrialRun):
         self.config = config
         self.tracking = _section(config)
         self.number = number
-        self.params = {k: v for k, v in params.items() if k != "fold"}
+        self.params = params
         self.name = f"{config.study.name}/trial-{number}"
         self._logger: Logger | None = None
 
