@@ -369,7 +369,7 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> StudyConfig:
 
     for internal in INTERNAL:
         if internal in raw:
-            raise ConfigError(_unknown(path, internal, StudyConfig))
+            raise ConfigError(f"{path}: {_unknown(internal, StudyConfig)}")
     _check_numbers(path, raw, "")
     try:
         config = StudyConfig.model_validate({**raw, "path": path})
@@ -473,27 +473,40 @@ def _check_plugin(path: Path, section: str, name: str, known: Sequence[str]) -> 
 
 
 def _describe(path: Path, exc: ValidationError) -> str:
-    """One line for the first problem pydantic found, naming the key path."""
-    error = exc.errors()[0]
+    """One line naming every problem pydantic found, each by its key path.
+
+    Unknown keys come first, with a did-you-mean (a mistyped key also makes
+    the key it was meant to be missing); one problem per key.
+    """
+    errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+    problems: dict[str, str] = {}
+    for error in errors:
+        key, problem = _problem(error)
+        problems.setdefault(key, problem)
+    return f"{path}: " + "; also ".join(problems.values())
+
+
+def _problem(error: Any) -> tuple[str, str]:
+    """The key path of one pydantic error and what to say about it."""
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":
         model = _model_at(loc[:-1])
-        return _unknown(path, key, model)
+        return key, _unknown(key, model)
     if error["type"] == "missing":
-        return f"{path}: {key}: required key is missing"
+        return key, f"{key}: required key is missing"
     if error["type"] == "value_error":
-        return f"{path}: {key}: {error['ctx']['error']}"
+        return key, f"{key}: {error['ctx']['error']}"
     # Unions report one error per branch; the first branch's message is enough.
     if loc and loc[-1] in {"literal['auto','cpu']", "list[int]"}:
         key = ".".join(loc[:-1])
     if loc and loc[0] == "resources" and len(loc) >= 2 and loc[1] == "devices":
-        return (
-            f'{path}: resources.devices: must be "auto", "cpu" or a non-empty list of GPU indices'
+        return "resources.devices", (
+            'resources.devices: must be "auto", "cpu" or a non-empty list of GPU indices'
         )
     value = error.get("input")
     got = f" (got {shown(value)})" if not isinstance(value, dict) else ""
-    return f"{path}: {key}: {error['msg']}{got}"
+    return key, f"{key}: {error['msg']}{got}"
 
 
 def _model_at(loc: list[str]) -> type[BaseModel]:
@@ -506,10 +519,10 @@ def _model_at(loc: list[str]) -> type[BaseModel]:
     return model
 
 
-def _unknown(path: Path, key: str, model: type[BaseModel]) -> str:
+def _unknown(key: str, model: type[BaseModel]) -> str:
     name = key.rsplit(".", 1)[-1]
     known = [field for field in model.model_fields if field not in INTERNAL]
-    return f"{path}: {key}: unknown key{_did_you_mean(name, known)}"
+    return f"{key}: unknown key{_did_you_mean(name, known)}"
 
 
 def _did_you_mean(name: str, known: Sequence[str]) -> str:

@@ -26,6 +26,29 @@ def assert_refused(study_dir: StudyDir, result, *fragments: str) -> None:
 
 
 CASES = {
+    "a mistyped required key": (
+        {
+            **BASE,
+            "study": {
+                **{k: v for k, v in BASE["study"].items() if k != "n_trials"},
+                "n_trails": 5,
+            },
+        },
+        [
+            "study.n_trails: unknown key; did you mean 'n_trials'?",
+            "; also study.n_trials: required key is missing",
+        ],
+    ),
+    "every problem at once": (
+        study(study={"direction": "up", "n_trials": 0}, divergence={"patients": 3}),
+        [
+            "divergence.patients: unknown key; did you mean 'patience'?",
+            "; also study.direction:",
+            "'up'",
+            "; also study.n_trials:",
+            "greater than 0",
+        ],
+    ),
     "unknown key with a suggestion": (
         study(study={"n_trial": 5}),
         ["study.n_trial: unknown key; did you mean 'n_trials'?"],
