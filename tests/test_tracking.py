@@ -404,6 +404,22 @@ def test_every_tracking_key_refuses_hostile_values(study_dir: StudyDir, key: str
         )
 
 
+@pytest.mark.parametrize(
+    "tracking",
+    [
+        {"backend": "tensorboard", "dir": "runs"},
+        {"backend": "mlflow", "tracking_uri": "sqlite:///runs.db", "experiment": "e"},
+        {"backend": "wandb", "project": "p", "entity": "team", "mode": "online", "dir": "runs"},
+    ],
+)
+def test_check_accepts_each_backend_and_writes_nothing(
+    study_dir: StudyDir, tracking: dict[str, Any]
+) -> None:
+    _, result = check(study_dir, tracking)
+    assert result.exit_code == 0, result.output
+    assert study_dir.created() == []
+
+
 def test_trainer_logger_points_to_tracking(study_dir: StudyDir) -> None:
     path = study_dir.write(study(trainer={"logger": True}))
     result = runner.invoke(app, ["check", str(path)])
