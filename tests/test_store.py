@@ -13,7 +13,16 @@ from optuna.trial import TrialState
 
 from sweeper.config import parse_config
 from sweeper.plugins import trial_seed
-from sweeper.store import Owner, Snapshot, claim, create_or_resume, fail_trial, recover
+from sweeper.store import (
+    Owner,
+    Snapshot,
+    claim,
+    create_or_resume,
+    fail_trial,
+    recover,
+    request_stop,
+    withdraw_stop,
+)
 from tests.conftest import StudyDir, study
 
 
@@ -39,6 +48,16 @@ def test_claim_stops_at_n_trials_counting_running_ones(study_dir: StudyDir) -> N
     assert replacement is not None and replacement.number == 3
     assert take(created, config) is None
     assert third is not None
+
+
+def test_no_trial_is_claimed_while_a_stop_is_requested(study_dir: StudyDir) -> None:
+    config = make(study_dir, study={"n_trials": 3})
+    created = create_or_resume(config)
+    request_stop(created, now=False)
+    assert take(created, config) is None, "stopped: no new trial"
+    assert created.trials == []
+    assert withdraw_stop(created) is not None
+    assert take(created, config) is not None, "resumed"
 
 
 def test_a_claim_writes_its_owner_and_a_first_heartbeat(study_dir: StudyDir) -> None:

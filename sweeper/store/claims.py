@@ -224,7 +224,8 @@ def claim(
     attrs: dict[str, Any],
     since: int | None = None,
 ) -> optuna.Trial | None:
-    """Start the next trial owned by ``owner``; None when ``n_trials`` are finished or under way.
+    """Start the next trial owned by ``owner``; None when ``n_trials`` are finished or under way,
+    or the study was asked to stop.
 
     Call under :func:`claim_lock`. Orphans are failed and enqueued again
     first; waiting trials (retries, enqueued configurations) go first. With
@@ -236,7 +237,10 @@ def claim(
     """
     from sweeper.plugins import sampler_for, trial_seed
     from sweeper.store.outcomes import Snapshot, fail_orphans
+    from sweeper.store.stops import stop_request
 
+    if stop_request(study) is not None:
+        return None  # `sweeper stop`: no new trial, whoever asks
     fail_orphans(study, owner.host, asker=owner.worker)
     trials = study.get_trials(deepcopy=False)
     now = Snapshot(trials, config.study.n_trials, since or 0)
