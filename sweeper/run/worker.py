@@ -57,6 +57,9 @@ class Worker:
         self.since = since
         self.build = load_task(config)
         import sweeper.run.trial  # noqa: F401 - warm: torch and Lightning imported once
+        from sweeper.run.tracking import check_tracking
+
+        check_tracking(config)  # warm: the tracker's package too, not once per trial
 
         _quiet()  # after the imports: Lightning sets its loggers' levels on import
         self.study = store.load(config)
