@@ -10,24 +10,16 @@ from typing import Any
 
 import optuna
 import tomlkit
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from sweeper import __version__
 from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
 from sweeper.plugins import trial_seed
 from sweeper.run.overfitting import describe as describe_overfit
-from sweeper.store import counts
+from sweeper.store import best_trial, counts, numbers_with_user_attr, running_trials
 
 PACKAGES = ("optuna", "torch", "lightning", "torchmetrics", "transformers")
-
-
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best COMPLETE trial, or None when no trial has completed."""
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
 
 
 def record_at_best(trial: FrozenTrial) -> dict[str, Any]:
@@ -46,9 +38,7 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
         "metric": config.study.metric,
         "counts": counts(study),
         "n_trials": config.study.n_trials,
-        "overfit_trials": [
-            t.number for t in study.get_trials(deepcopy=False) if "overfit" in t.user_attrs
-        ],
+        "overfit_trials": numbers_with_user_attr(study, "overfit"),
         "best": None,
     }
     if best is None:
@@ -141,7 +131,7 @@ def running(study: optuna.Study) -> list[dict[str, Any]]:
     """The trials under way: number, device, host, elapsed seconds, last validation."""
     now = dt.datetime.now()
     rows = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for trial in running_trials(study):
         history = trial.user_attrs.get("history", [])
         started = trial.datetime_start
         rows.append(

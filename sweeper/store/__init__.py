@@ -3,8 +3,8 @@
 Open storages (URLs through SQLAlchemy, SQLite tuned for many writers,
 read-only readers), create and resume studies, claim trials under the study's
 lock with an owner record, fail and retry them idempotently, recover orphans,
-and read a snapshot of trial outcomes where "finished" and the counts are
-defined once.
+read a snapshot of trial outcomes where "finished" and the counts are
+defined once, and answer status questions with one query each.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ from sweeper.store.outcomes import (
     snapshot,
     tell,
 )
+from sweeper.store.queries import (
+    best_trial,
+    numbers_with_user_attr,
+    running_trials,
+    trials_per_state,
+)
 from sweeper.store.rows import read_trials
 from sweeper.store.stops import StopRequest, request_stop, stop_request, withdraw_stop
 from sweeper.store.studies import (
@@ -53,6 +59,7 @@ __all__ = [
     "SamplerFailed",
     "Snapshot",
     "StopRequest",
+    "best_trial",
     "claim",
     "claim_lock",
     "counts",
@@ -68,16 +75,19 @@ __all__ = [
     "load",
     "load_named",
     "mask_url",
+    "numbers_with_user_attr",
     "open_storage",
     "process_start",
     "read_trials",
     "recover",
     "request_stop",
+    "running_trials",
     "snapshot",
     "sqlite_path",
     "stop_request",
     "storage_failure",
     "study_names",
     "tell",
+    "trials_per_state",
     "withdraw_stop",
 ]

@@ -17,6 +17,7 @@ from sweeper.config import StudyConfig
 from sweeper.store._compat import backend, stale_trial_ids, storage_of, study_id, trial_id
 from sweeper.store.claims import Owner, claim_lock
 from sweeper.store.open import GRACE_PERIOD, retrying
+from sweeper.store.queries import trials_per_state
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 """The states that count toward ``n_trials``."""
@@ -241,5 +242,6 @@ def snapshot(study: optuna.Study, n_trials: int, since: int = 0) -> Snapshot:
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
-    """Trials per state, in lower case: complete, pruned, fail, running, waiting."""
-    return Snapshot(study.get_trials(deepcopy=False), 0).counts
+    """Trials per state, in lower case: complete, pruned, fail, running, waiting (one query)."""
+    found = trials_per_state(study)
+    return {state.name.lower(): found.get(state, 0) for state in TrialState}

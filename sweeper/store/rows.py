@@ -29,13 +29,27 @@ from optuna.trial import FrozenTrial, TrialState
 from sweeper.store._compat import backend, models, study_id
 
 
-def read_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """All trials of the study in number order (not copies: do not modify them)."""
+def read_trials(
+    study: optuna.Study, states: Iterable[TrialState] | None = None
+) -> list[FrozenTrial]:
+    """The study's trials (those in ``states``, or all) in number order; do not modify them."""
+    storage = rdb(study)
+    if storage is None:
+        return study.get_trials(deepcopy=False, states=None if states is None else tuple(states))
+    table = models.TrialModel.__table__
+    which: int | sa.ColumnElement[bool] = study_id(study)
+    if states is not None:
+        which = sa.and_(table.c.study_id == which, table.c.state.in_(list(states)))
+    with storage.engine.connect() as connection:
+        return _read(connection, which)
+
+
+def rdb(study: optuna.Study) -> RDBStorage | None:
+    """The study's RDB storage when its tables can be read directly (current schema), else None."""
     storage = backend(study)
     if not isinstance(storage, RDBStorage) or not _current_schema(storage):
-        return study.get_trials(deepcopy=False)
-    with storage.engine.connect() as connection:
-        return _read(connection, study_id(study))
+        return None
+    return storage
 
 
 def _current_schema(storage: RDBStorage) -> bool:

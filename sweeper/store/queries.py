@@ -1,0 +1,70 @@
+"""Questions about a study answered by one query each, not by reading all its trials.
+
+``sweeper status`` and ``sweeper best`` need the trials per state, the
+trials carrying one user attribute, the running trials and the best trial.
+On an RDB storage each is one SQL query over Optuna's tables (or Optuna's
+own ordered query for the best), so they stay fast at 100,000 trials; other
+storages are answered through Optuna's reads.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import optuna
+import sqlalchemy as sa
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper.store._compat import models, study_id
+from sweeper.store.rows import rdb, read_trials
+
+
+def trials_per_state(study: optuna.Study) -> dict[TrialState, int]:
+    """How many trials the study has in each state (states without trials are left out)."""
+    storage = rdb(study)
+    if storage is None:
+        return dict(Counter(t.state for t in study.get_trials(deepcopy=False)))
+    table = models.TrialModel.__table__
+    query = (
+        sa.select(table.c.state, sa.func.count())
+        .where(table.c.study_id == study_id(study))
+        .group_by(table.c.state)
+    )
+    with storage.engine.connect() as connection:
+        return {TrialState(state): int(n) for state, n in connection.execute(query)}
+
+
+def numbers_with_user_attr(study: optuna.Study, key: str) -> list[int]:
+    """The numbers, in order, of the trials carrying user attribute ``key`` (of any value)."""
+    storage = rdb(study)
+    if storage is None:
+        return [t.number for t in study.get_trials(deepcopy=False) if key in t.user_attrs]
+    trials = models.TrialModel.__table__
+    attrs = models.TrialUserAttributeModel.__table__
+    query = (
+        sa.select(trials.c.number)
+        .join(attrs, attrs.c.trial_id == trials.c.trial_id)
+        .where(trials.c.study_id == study_id(study), attrs.c.key == key)
+        .order_by(trials.c.number)
+    )
+    with storage.engine.connect() as connection:
+        return [int(number) for number in connection.scalars(query)]
+
+
+def running_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The RUNNING trials in number order, read alone (Optuna's cache would read every trial)."""
+    return read_trials(study, states=(TrialState.RUNNING,))
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best COMPLETE trial, or None when no trial has completed.
+
+    Optuna's storage finds it with one query ordered by value; only when that
+    trial breaks a constraint does Optuna read the complete trials to find the
+    best feasible one (sweeper's diverged trials, the constrained ones, are
+    pruned, so that does not happen in its studies).
+    """
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
