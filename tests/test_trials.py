@@ -1,14 +1,26 @@
-"""The fast trial read gives exactly what Optuna's own read gives."""
+"""The fast trial read and the status queries give exactly what Optuna's own reads give."""
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import optuna
 from optuna.trial import TrialState
 
 from sweeper.config import parse_config
-from sweeper.store import create_or_resume, read_trials
+from sweeper.store import (
+    Snapshot,
+    best_trial,
+    counts,
+    create_or_resume,
+    numbers_with_user_attr,
+    read_trials,
+    running_trials,
+    tell,
+    trials_per_state,
+)
+from sweeper.store.rows import rdb
 from tests.conftest import StudyDir, study
 
 
@@ -60,3 +72,73 @@ def test_other_storages_are_read_through_optuna() -> None:
     in_memory = optuna.create_study()
     in_memory.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
     assert read_trials(in_memory) == in_memory.get_trials()
+
+
+def _every_kind_of_trial(study: optuna.Study) -> None:
+    """Complete (one overfit, one infeasible), pruned, diverged, failed, running, waiting."""
+    complete = study.ask()
+    complete.set_user_attr("overfit", {"gap": 0.2})
+    study.tell(complete, 0.75)
+    study.tell(study.ask(), 0.5)
+    infeasible = study.ask()  # the highest value, but breaking a constraint
+    infeasible.set_constraint("diverged", 1.0)
+    study.tell(infeasible, 0.99)
+    pruned = study.ask()
+    pruned.report(0.9, 5)
+    pruned.set_user_attr("overfit", None)
+    study.tell(pruned, state=TrialState.PRUNED)
+    diverged = study.ask()
+    tell(study, diverged, TrialState.PRUNED, None, {"diverged": True, "stop_reason": "diverged"})
+    study.tell(study.ask(), state=TrialState.FAIL)
+    study.enqueue_trial({"lr": 0.01, "hidden": 8})
+    running = study.ask()
+    running.set_user_attr("overfit", {"gap": 0.1})
+    study.ask().set_user_attr("history", [{"step": 1}])
+    study.enqueue_trial({"lr": 0.02})
+
+
+def test_status_queries_equal_optunas_reads_for_every_kind_of_trial(study_dir: StudyDir) -> None:
+    import tomllib
+
+    path = study_dir.write(study())
+    config = parse_config(tomllib.loads(path.read_text()), path)
+    _every_kind_of_trial(create_or_resume(config))
+
+    mine = create_or_resume(config)
+    assert rdb(mine) is not None  # the SQL is what is tested here
+    optunas = optuna.load_study(study_name="tiny", storage=config.storage_url)
+    every = optunas.get_trials(deepcopy=False)
+    assert trials_per_state(mine) == Counter(t.state for t in every)
+    assert counts(mine) == Snapshot(every, 0).counts
+    assert counts(mine) == {
+        "running": 2,
+        "waiting": 1,
+        "complete": 3,
+        "pruned": 2,
+        "fail": 1,
+    }
+    assert numbers_with_user_attr(mine, "overfit") == [
+        t.number for t in every if "overfit" in t.user_attrs
+    ]
+    assert numbers_with_user_attr(mine, "overfit") == [0, 3, 6]
+    assert running_trials(mine) == optunas.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    assert [t.user_attrs for t in running_trials(mine)] == [
+        {"overfit": {"gap": 0.1}},
+        {"history": [{"step": 1}]},
+    ]
+    best = best_trial(mine)
+    assert best == optunas.best_trial
+    assert best is not None and best.number == 0
+
+
+def test_status_queries_on_other_storages_and_empty_studies() -> None:
+    in_memory = optuna.create_study(direction="maximize")
+    assert best_trial(in_memory) is None
+    assert counts(in_memory) == Snapshot([], 0).counts
+    _every_kind_of_trial(in_memory)
+    every = in_memory.get_trials(deepcopy=False)
+    assert counts(in_memory) == Snapshot(every, 0).counts
+    assert numbers_with_user_attr(in_memory, "overfit") == [0, 3, 6]
+    assert [t.number for t in running_trials(in_memory)] == [6, 7]
+    best = best_trial(in_memory)
+    assert best is not None and best.number == 0
