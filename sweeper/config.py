@@ -426,6 +426,22 @@ def _check_storage(url: str) -> None:
     usable_url(url)
 
 
+def environment_value(path: Path, key: str, name: str, what: str, example: str) -> str:
+    """Environment variable ``name``, stripped, that ``key`` names with ``env:``.
+
+    Unset or empty is a ConfigError saying what to set it to. Messages never
+    show the value: it may hold a password.
+    """
+    value = os.environ.get(name, "").strip()
+    if not value:
+        state = "is empty" if name in os.environ else "is not set"
+        raise ConfigError(
+            f"{path}: {key}: environment variable {name} {state}; set it to {what}, "
+            f"e.g. {name}={example}"
+        )
+    return value
+
+
 def _storage_from_environment(path: Path, name: str) -> str:
     """The storage URL in environment variable ``name``, checked as a literal one is.
 
@@ -434,14 +450,13 @@ def _storage_from_environment(path: Path, name: str) -> str:
     """
     from sweeper.store.open import usable_url
 
-    value = os.environ.get(name, "").strip()
-    if not value:
-        state = "is empty" if name in os.environ else "is not set"
-        raise ConfigError(
-            f"{path}: study.storage: environment variable {name} {state}; set it to the "
-            f'storage URL (storage = "{FROM_ENV}{name}"), e.g. '
-            f"{name}=postgresql://user:password@db-host:5432/sweeps"
-        )
+    value = environment_value(
+        path,
+        "study.storage",
+        name,
+        f'the storage URL (storage = "{FROM_ENV}{name}")',
+        "postgresql://user:password@db-host:5432/sweeps",
+    )
     try:
         usable_url(value)
     except ValueError as exc:

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,14 +20,13 @@ from tests.conftest import (
     BASE,
     FIXTURES,
     SERVER,
-    free_port,
     run_sweeper,
     study,
     sweeper_cmd,
     toml_text,
 )
 from tests.test_sweep import descendants, wait_for
-from tests.test_views import wait_http
+from tests.test_views import dashboard
 
 MARIADB = os.environ.get("SWEEPER_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306")
 
@@ -128,20 +126,8 @@ def test_two_machines_share_one_study_and_run_exactly_n_trials(
     shown = json.loads(run_sweeper("best", str(first), "--json").stdout)
     assert shown["best"]["trial"] in range(12)
 
-    port = free_port()
-    server = subprocess.Popen(
-        sweeper_cmd("dashboard", str(second), "--port", str(port)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/api/studies")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/1") as answer:
-            study = json.loads(answer.read())
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with dashboard(second) as served:
+        study = served.get("/api/studies/1")
     assert study["name"] == "tiny" and len(study["trials"]) == 12
 
 

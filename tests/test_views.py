@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from optuna.trial import TrialState, create_trial
@@ -87,35 +90,53 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
     raise AssertionError(f"{url} did not answer")
 
 
-def test_dashboard_shows_the_study_in_chromium(swept: StudyDir) -> None:
+class Served:
+    """A running ``sweeper dashboard``: its address; once stopped, what it printed."""
+
+    def __init__(self, url: str, process: subprocess.Popen[str]) -> None:
+        self.url, self.process, self.stderr = url, process, ""
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path) as answer:
+            return json.loads(answer.read())
+
+
+@contextlib.contextmanager
+def dashboard(study_file: Path, *options: str) -> Iterator[Served]:
+    """``sweeper dashboard`` on a free port, once it answers; stopped afterwards."""
     port = free_port()
-    server = subprocess.Popen(
-        sweeper_cmd("dashboard", str(swept.root / "study.toml"), "--port", str(port)),
-        stdout=subprocess.PIPE,
+    process = subprocess.Popen(
+        sweeper_cmd("dashboard", str(study_file), "--port", str(port), *options),
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
+    served = Served(f"http://127.0.0.1:{port}", process)
     try:
-        wait_http(f"http://127.0.0.1:{port}/dashboard/")
-        with page() as (tab, errors):
-            tab.goto(f"http://127.0.0.1:{port}/dashboard/")
-            tab.get_by_text("1. tiny").wait_for(timeout=30_000)
-            tab.goto(f"http://127.0.0.1:{port}/dashboard/studies/1")
-            tab.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
-            tab.get_by_text("Learning curves by outcome").first.wait_for(timeout=30_000)
-            tab.get_by_text("Validation metrics of the best trial").first.wait_for()
-            screenshot(tab, "dashboard")
-            tab.goto(f"http://127.0.0.1:{port}/dashboard/studies/1/trials")
-            tab.get_by_text("8 Trials").wait_for(timeout=30_000)
-            tab.get_by_text("stop_reason").first.wait_for()
-            trials_text = tab.inner_text("body")
-            screenshot(tab, "dashboard-trials")
-        assert errors == []
-        assert "diverged: loss=" in trials_text
+        wait_http(f"{served.url}/api/studies")
+        yield served
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-    assert "dashboard of 'tiny' on http://127.0.0.1:" in server.stderr.read()
+        process.terminate()
+        served.stderr = process.communicate(timeout=30)[1]
+
+
+def test_dashboard_shows_the_study_in_chromium(swept: StudyDir) -> None:
+    with dashboard(swept.root / "study.toml") as served, page() as (tab, errors):
+        tab.goto(f"{served.url}/dashboard/")
+        tab.get_by_text("1. tiny").wait_for(timeout=30_000)
+        tab.goto(f"{served.url}/dashboard/studies/1")
+        tab.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+        tab.get_by_text("Learning curves by outcome").first.wait_for(timeout=30_000)
+        tab.get_by_text("Validation metrics of the best trial").first.wait_for()
+        screenshot(tab, "dashboard")
+        tab.goto(f"{served.url}/dashboard/studies/1/trials")
+        tab.get_by_text("8 Trials").wait_for(timeout=30_000)
+        tab.get_by_text("stop_reason").first.wait_for()
+        trials_text = tab.inner_text("body")
+        screenshot(tab, "dashboard-trials")
+    assert errors == []
+    assert "diverged: loss=" in trials_text
+    assert "dashboard of 'tiny' on http://127.0.0.1:" in served.stderr
 
 
 def test_dashboard_port_in_use_is_a_clear_error(swept: StudyDir) -> None:
@@ -129,37 +150,14 @@ def test_dashboard_port_in_use_is_a_clear_error(swept: StudyDir) -> None:
 
 
 def test_dashboard_beyond_loopback_warns(swept: StudyDir) -> None:
-    port = free_port()
-    server = subprocess.Popen(
-        sweeper_cmd(
-            "dashboard", str(swept.root / "study.toml"), "--host", "0.0.0.0", "--port", str(port)
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/dashboard/")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    assert "the dashboard has no authentication" in server.stderr.read()
+    with dashboard(swept.root / "study.toml", "--host", "0.0.0.0") as served:
+        pass
+    assert "the dashboard has no authentication" in served.stderr
 
 
 def test_the_dashboard_names_the_objective_after_the_metric(swept: StudyDir) -> None:
-    port = free_port()
-    server = subprocess.Popen(
-        sweeper_cmd("dashboard", str(swept.root / "study.toml"), "--port", str(port)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/api/studies")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/1") as answer:
-            shown = json.loads(answer.read())
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with dashboard(swept.root / "study.toml") as served:
+        shown = served.get("/api/studies/1")
     assert shown["objective_names"] == ["val_acc"], "not 'Objective 0'"
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from optuna.trial import TrialState
 
-from sweeper.config import FROM_ENV, StudyConfig, TrackingSection
+from sweeper.config import FROM_ENV, StudyConfig, TrackingSection, environment_value
 from sweeper.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -65,13 +65,13 @@ def mlflow_uri(config: StudyConfig) -> str:
     uri = tracking.tracking_uri or "sqlite:///mlflow.db"
     if uri.startswith(FROM_ENV):
         name = uri.removeprefix(FROM_ENV)
-        value = os.environ.get(name, "").strip()
-        if not value:
-            state = "is empty" if name in os.environ else "is not set"
-            raise ConfigError(
-                f"{config.path}: tracking.tracking_uri: environment variable {name} {state}; "
-                f"set it to the MLflow tracking URI, e.g. {name}=https://mlflow.example.org"
-            )
+        value = environment_value(
+            config.path,
+            "tracking.tracking_uri",
+            name,
+            "the MLflow tracking URI",
+            "https://mlflow.example.org",
+        )
         uri = value  # never shown in a message: it may hold a password
     if uri.startswith("sqlite:"):
         from sweeper.store.open import relative_to
