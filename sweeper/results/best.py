@@ -17,6 +17,7 @@ from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
 from sweeper.plugins import trial_seed
 from sweeper.run.overfitting import describe as describe_overfit
+from sweeper.run.weights import load_hint
 from sweeper.store import best_trial, counts, numbers_with_user_attr, running_trials
 
 PACKAGES = ("optuna", "torch", "lightning", "torchmetrics", "transformers")
@@ -96,6 +97,9 @@ def write_best_toml(config: StudyConfig, data: dict[str, Any]) -> Path | None:
     for key in ("step", "epoch", "duration_s", "stop_reason", "weights"):
         if best[key] is not None:
             head.add(key, best[key])
+    hint = load_hint({**best["fixed"], **best["params"]}) if best["weights"] else None
+    if hint is not None:
+        head.add("load", hint)
     doc.add("best", head)
     doc.add("params", _table({**best["fixed"], **best["params"]}))
     doc.add("metrics", _table(best["metrics"]))
