@@ -553,9 +553,8 @@ def main() -> int:
     errors = [f"{r.storage} {r.path} {r.processes}: {r.first_error}" for r in rows if r.errors]
     if errors:
         print("\nfirst error of each row with errors:\n" + "\n".join(errors))
-    print(
-        f"\n{len(rows)} rows, {args.seconds:g} s each, {(time.monotonic() - began) / 60:.1f} min"
-    )
+    took = f"{(time.monotonic() - began) / 60:.1f} min"
+    print(f"\n{len(rows)} rows, {args.seconds:g} s each, {took}" if rows else f"\n{took}")
     return 0
 
 
