@@ -262,6 +262,7 @@ def _fit(
     trainer: pl.Trainer | None = None
     try:
         module, datamodule = build_task(build, params)
+        attrs.update(parameter_counts(module))
         options = trainer_options(config, slot, params, run.logger())
         trainer = pl.Trainer(**options, callbacks=callbacks)
         trainer.fit(module, datamodule=datamodule)
@@ -288,6 +289,15 @@ def _fit(
     return Fit(state, attrs, recorder)
 
 
+def parameter_counts(module: torch.nn.Module) -> dict[str, int]:
+    """The module's parameters that train (``requires_grad``) and all of them."""
+    parameters = list(module.parameters())
+    return {
+        "trainable_params": sum(p.numel() for p in parameters if p.requires_grad),
+        "total_params": sum(p.numel() for p in parameters),
+    }
+
+
 def _cross_validate(
     config: StudyConfig,
     slot: Slot,
@@ -312,6 +322,7 @@ def _cross_validate(
         fit = _fit(config, slot, build, trial, fold_params, run, fold, history)
         totals["steps"] += fit.attrs.get("steps", 0)
         totals["fit_seconds"] += fit.attrs["fit_seconds"]
+        totals.update({k: v for k, v in fit.attrs.items() if k.endswith("_params")})
         best = fit.recorder.best
         if fit.state != TrialState.COMPLETE or best is None or not math.isfinite(best):
             ended = {**fit.attrs, **totals, "fold_values": values}
