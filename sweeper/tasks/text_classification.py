@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -37,6 +37,10 @@ class TextParams(BaseModel):
     freeze_layers: int = Field(default=0, ge=0)
     layer_lr_decay: float = Field(default=1.0, gt=0.0, le=1.0)
     max_epochs: int | None = Field(default=None, ge=1)
+    lora_r: int = Field(default=0, ge=0, le=4096)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    lora_target: Literal["attention", "all-linear"] = "attention"
 
 
 DEFAULTS: dict[str, Any] = TextParams().model_dump()
@@ -137,9 +141,49 @@ def prepare(config: StudyConfig) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
         fold = params.pop("fold", None)
         params.pop("folds", None)
         view = data if fold is None else pooled.fold(splits, int(fold))
-        return build_text_task(view, params)
+        module, datamodule = build_text_task(view, params)
+        if int(params["lora_r"]) > 0:
+            with_lora(module, params)
+        return module, datamodule
 
     return build
+
+
+_HEADS = ("classifier", "score")
+"""Names of the classification heads of transformers' sequence classifiers."""
+_ATTENTION = re.compile(r"(^|\.)(attention|attn|self_attn)(\.|$)")
+
+
+def with_lora(module: Any, params: dict[str, Any]) -> None:
+    """Put LoRA adapters into the module's encoder (``lora_r`` > 0); the head stays trained.
+
+    peft changes the transformers model in place (adapters in its linear layers,
+    the head wrapped to be trained and saved, everything else frozen), so the
+    module keeps training ``module.model`` and its per-layer groups still apply:
+    ``layer_lr_decay`` decays each layer's adapters, and ``freeze_layers`` N
+    leaves the adapters of the bottom N layers untrained (they start as the identity).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    linear = [
+        name
+        for name, part in module.model.named_modules()
+        if isinstance(part, torch.nn.Linear) and name.split(".")[0] not in _HEADS
+    ]
+    if params["lora_target"] == "attention":
+        linear = [name for name in linear if _ATTENTION.search(name)]
+    if not linear:
+        raise ValueError(f"lora_target={params['lora_target']!r}: the model has no such layers")
+    config = LoraConfig(
+        task_type="SEQ_CLS",  # peft adds the head to modules_to_save
+        r=int(params["lora_r"]),
+        lora_alpha=int(params["lora_alpha"]),
+        lora_dropout=float(params["lora_dropout"]),
+        target_modules=linear,
+    )
+    get_peft_model(module.model, config)  # the wrapper is not needed: the model changed in place
+    module.freeze_bottom(int(params["freeze_layers"]))
 
 
 def _options(config: StudyConfig) -> TextOptions:
