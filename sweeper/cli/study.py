@@ -252,8 +252,8 @@ def delete(
 ) -> None:
     """Delete the study from its storage (only that study; its nights stay)."""
     from sweeper.results.best import running
+    from sweeper.store import counts, load, mask_url
     from sweeper.store import delete as delete_study
-    from sweeper.store import load, mask_url, read_trials
 
     config = study_config(study_file, night)
     study = load(config, read_only=True)
@@ -265,7 +265,7 @@ def delete(
             f"stop it first with `sweeper stop --now {config.path}`"
         )
     where = mask_url(config.storage_url)
-    what = f"study {config.study.name!r} ({len(read_trials(study))} trials) in {where}"
+    what = f"study {config.study.name!r} ({sum(counts(study).values())} trials) in {where}"
     if results and config.output_dir.exists():
         what += f", and its results folder {config.output_dir}"
     if not yes:
