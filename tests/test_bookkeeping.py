@@ -136,7 +136,11 @@ def test_a_crashed_interpreter_fails_its_trial_and_it_is_retried(study_dir: Stud
     assert finished(trials) == 4
 
 
-def test_readers_never_take_the_write_lock(study_dir: StudyDir) -> None:
+def test_readers_never_take_the_write_lock(tmp_path: Path) -> None:
+    # A folder name with URI characters: readers open the file as a SQLite URI.
+    folder = tmp_path / "runs #1 ?50%"
+    folder.mkdir()
+    study_dir = StudyDir(folder)
     path = study_dir.write(study(study={"n_trials": 1}))
     assert run_sweeper("start", str(path)).returncode == 0
     writer = sqlite3.connect(study_dir.db, timeout=1, isolation_level=None)

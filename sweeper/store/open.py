@@ -96,7 +96,10 @@ def sqlite_path(url: str) -> Path | None:
 
 def is_server(url: str) -> bool:
     """Whether the URL names a database server (PostgreSQL, MySQL, MariaDB)."""
-    return url.split(":", 1)[0].split("+", 1)[0] in SERVER_SCHEMES
+    try:
+        return make_url(url).get_backend_name() in SERVER_SCHEMES
+    except (ArgumentError, ValueError):
+        return False
 
 
 def mask_url(url: str) -> str:
@@ -145,7 +148,7 @@ def open_storage(
             _prepare_sqlite(path)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT, "isolation_level": None}
         if read_only:
-            url = f"sqlite:///file:{path}?mode=ro&uri=true"
+            url = read_only_url(path)
             writer = False
     elif is_server(url):
         # A connection the server dropped (restart, failover, terminated) is
@@ -183,6 +186,15 @@ def open_storage(
     if path is not None and writer:
         event.listen(storage.engine, "begin", _begin_immediate)
     return storage
+
+
+def read_only_url(path: Path) -> str:
+    """A SQLite URL that opens ``path`` read-only: a ``file:`` URI, so a folder
+    name with ``#``, ``?`` or ``%`` is escaped, not read as URI syntax."""
+    uri = path.absolute().as_uri()
+    return URL.create(
+        "sqlite", database=uri, query={"mode": "ro", "uri": "true"}
+    ).render_as_string(hide_password=False)
 
 
 def check_sqlite_path(path: Path) -> None:
