@@ -21,7 +21,7 @@ from optuna.trial import TrialState, create_trial
 
 from sweeper.config import parse_config
 from sweeper.results.report import build_report
-from sweeper.store import read_trials
+from sweeper.store import open_storage, read_trials
 
 STUDY = {
     "study": {"name": "big", "direction": "maximize", "metric": "val_acc", "n_trials": 10},
@@ -109,16 +109,8 @@ def main() -> None:
 
 
 def write_fast(url: str, trials: list[optuna.trial.FrozenTrial]) -> None:
-    """Add the trials without waiting for the disk after each commit (set-up only)."""
-    from sqlalchemy import event
-
-    storage = optuna.storages.RDBStorage(url)
-    event.listen(
-        storage.engine,
-        "connect",
-        lambda connection, _: connection.execute("PRAGMA synchronous=OFF"),
-    )
-    storage.engine.dispose()
+    """Add the trials in one storage as sweeper opens it (WAL, no wait for the disk per commit)."""
+    storage = open_storage(url, create=True)
     study = optuna.create_study(study_name="big", storage=storage, direction="maximize")
     study.add_trials(trials)
     storage.engine.dispose()

@@ -349,8 +349,9 @@ def write_big_study(config: StudyConfig, size: int) -> None:
     """``size`` finished trials written in bulk, with what a real trial stores."""
     import sqlalchemy as sa
     from optuna.distributions import FloatDistribution, IntDistribution, distribution_to_json
-    from optuna.storages._rdb import models
     from optuna.trial import TrialState
+
+    from sweeper.store._compat import models
 
     study = store.create_or_resume(config)
     storage = store.open_storage(config.storage_url)

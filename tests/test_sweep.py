@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from sweeper.store._compat import trial_id
 from tests.conftest import BASE, StudyDir, free_port, run_sweeper, study, sweeper_cmd
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -415,7 +416,7 @@ def test_a_trial_of_a_machine_lost_mid_sweep_is_retried_here(study_dir: StudyDir
 
     def beat() -> None:  # the other machine is alive until this machine has no place left
         while alive.is_set():
-            storage.record_heartbeat(lost._trial_id)
+            storage.record_heartbeat(trial_id(lost))
             time.sleep(0.5)
 
     beating = threading.Thread(target=beat)

@@ -2,7 +2,7 @@
 
 Optuna's public API has no way to name a trial's storage id, reach the
 storage under a study's cache, read trials as plain rows (also in place of
-its storage's own ``_get_trials``), list the trials
+its storage's own trial reads, which its cache goes through), list the trials
 whose heartbeat went silent, or show its GP sampler more trials than the
 complete ones. Those few accesses live here, and
 this module checks at import that they still exist, so an Optuna release that
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution
-from optuna.storages import BaseStorage
+from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._rdb import models
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.errors import SweeperError
 
@@ -32,6 +32,7 @@ __all__ = [
     "backend",
     "gp_sampler_seeing",
     "models",
+    "rdb_storage_reading",
     "stale_trial_ids",
     "storage_of",
     "study_id",
@@ -72,6 +73,29 @@ def stale_trial_ids(study: optuna.Study) -> list[int]:
     if getattr(storage, "heartbeat_interval", None) is None:
         return []
     return [int(found) for found in storage._get_stale_trial_ids(study_id(study))]
+
+
+TrialReader = Callable[
+    [RDBStorage, int, Container[TrialState] | None, set[int], int], list[FrozenTrial]
+]
+"""Reads a study's trials: (storage, study id, states or None, trial ids to include
+although not newer, only trials with a greater id unless -1)."""
+
+
+def rdb_storage_reading(read: TrialReader) -> type[RDBStorage]:
+    """An RDBStorage subclass whose every trial read (its cache's too) goes through ``read``."""
+
+    class Storage(RDBStorage):
+        def _get_trials(
+            self,
+            study_id: int,
+            states: Container[TrialState] | None,
+            included_trial_ids: set[int],
+            trial_id_greater_than: int,
+        ) -> list[FrozenTrial]:
+            return read(self, study_id, states, included_trial_ids, trial_id_greater_than)
+
+    return Storage
 
 
 Transform = Callable[

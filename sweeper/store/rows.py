@@ -26,7 +26,7 @@ from optuna.distributions import BaseDistribution, json_to_distribution
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper.store._compat import backend, models, study_id
+from sweeper.store._compat import backend, models, rdb_storage_reading, study_id
 
 
 def read_trials(
@@ -59,33 +59,35 @@ def _current_schema(storage: RDBStorage) -> bool:
         return False
 
 
-class FastRDBStorage(RDBStorage):
-    """Optuna's RDB storage, reading trials as plain rows (Optuna's cache reads through it)."""
+def _trials_where(
+    storage: RDBStorage,
+    study_id: int,
+    states: Container[TrialState] | None,
+    included_trial_ids: set[int],
+    trial_id_greater_than: int,
+) -> list[FrozenTrial]:
+    """Optuna's trial read (see :data:`sweeper.store._compat.TrialReader`) as plain rows."""
+    table = models.TrialModel.__table__
+    where = [table.c.study_id == study_id]
+    if states is not None:
+        assert isinstance(states, Iterable)
+        where.append(table.c.state.in_([TrialState(state) for state in states]))
+    if trial_id_greater_than > -1:
+        included = [i for i in included_trial_ids if i <= trial_id_greater_than]
+        newer = table.c.trial_id > trial_id_greater_than
+        where.append(sa.or_(table.c.trial_id.in_(included), newer) if included else newer)
+    with storage.engine.connect() as connection:
+        if not connection.execute(
+            sa.select(models.StudyModel.__table__.c.study_id).where(
+                models.StudyModel.__table__.c.study_id == study_id
+            )
+        ).first():
+            raise KeyError(f"No study with study_id {study_id} exists.")
+        return _read(connection, sa.and_(*where))
 
-    def _get_trials(
-        self,
-        study_id: int,
-        states: Container[TrialState] | None,
-        included_trial_ids: set[int],
-        trial_id_greater_than: int,
-    ) -> list[FrozenTrial]:
-        table = models.TrialModel.__table__
-        where = [table.c.study_id == study_id]
-        if states is not None:
-            assert isinstance(states, Iterable)
-            where.append(table.c.state.in_([TrialState(state) for state in states]))
-        if trial_id_greater_than > -1:
-            included = [i for i in included_trial_ids if i <= trial_id_greater_than]
-            newer = table.c.trial_id > trial_id_greater_than
-            where.append(sa.or_(table.c.trial_id.in_(included), newer) if included else newer)
-        with self.engine.connect() as connection:
-            if not connection.execute(
-                sa.select(models.StudyModel.__table__.c.study_id).where(
-                    models.StudyModel.__table__.c.study_id == study_id
-                )
-            ).first():
-                raise KeyError(f"No study with study_id {study_id} exists.")
-            return _read(connection, sa.and_(*where))
+
+FastRDBStorage = rdb_storage_reading(_trials_where)
+"""Optuna's RDB storage, reading trials as plain rows (Optuna's cache reads through it)."""
 
 
 def _read(connection: sa.Connection, which: int | sa.ColumnElement[bool]) -> list[FrozenTrial]:
