@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from sweeper.config import StudyConfig, shown
 from sweeper.errors import ConfigError
 from sweeper.space import grid_space, parse_space
+from sweeper.store import is_diverged
 from sweeper.store._compat import gp_sampler_seeing
 
 
@@ -38,7 +39,7 @@ def diverged_as_worst(
     diverged = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-        if t.user_attrs.get("diverged") and search_space.keys() <= t.params.keys()
+        if is_diverged(t) and search_space.keys() <= t.params.keys()
     ]
     if not diverged:
         return completed

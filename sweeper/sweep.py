@@ -144,10 +144,9 @@ class LiveView(Observer):
         study = self.config.study
         self.show(
             study_view(
-                snapshot.trials,
+                snapshot,
                 study.metric,
                 study.direction == "maximize",
-                study.n_trials,
                 time.monotonic() - self.began,
             )
         )
@@ -169,7 +168,7 @@ class ChartPublisher(Observer):
     def tick(self, study: Any, snapshot: Any) -> None:
         from sweeper.results.dashboard import publish
 
-        finished = sum(t.state.is_finished() for t in snapshot.trials)
+        finished = snapshot.finished
         if finished != self.finished and time.monotonic() - self.at > PUBLISH_EVERY:
             publish(self.config, study)
             self.at, self.finished = time.monotonic(), finished

@@ -50,6 +50,7 @@ def test_study_view_shows_slots_and_the_study_line() -> None:
     from rich.console import Console
 
     from sweeper.results.progress import study_view
+    from sweeper.store import Snapshot
 
     running = snapshot(
         3,
@@ -66,7 +67,7 @@ def test_study_view_shows_slots_and_the_study_line() -> None:
         running,
     ]
     console = Console(record=True, width=120)
-    console.print(study_view(trials, "val_acc", True, n_trials=10, elapsed=60.0))
+    console.print(study_view(Snapshot(trials, 10), "val_acc", True, elapsed=60.0))
     text = " ".join(console.export_text().split())
     assert "cuda:1" in text and "1/40" in text and "0.7500" in text
     assert "2/10 finished (1 pruned), 1 failed, 1 running; best val_acc=0.8000" in text

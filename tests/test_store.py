@@ -170,16 +170,19 @@ def test_systematic_failure_needs_the_first_three_of_this_run_to_fail_alike() ->
     assert Snapshot(outside, 10).systematic() is None, "failures from outside say nothing"
 
 
-def test_failures_of_this_run_leave_out_a_stopped_sweep() -> None:
+def test_failures_of_this_run_leave_out_trials_interrupted_from_outside() -> None:
     trials = _numbered(
         _trials(
             (TrialState.FAIL, "error: disk full"),
             (TrialState.FAIL, "error: disk full"),
             (TrialState.FAIL, "interrupted: the sweep was stopped"),
             (TrialState.FAIL, "killed by signal 9 (SIGKILL)"),
+            (TrialState.FAIL, "interrupted: its machine went silent (no heartbeat for 120 s)"),
+            (TrialState.FAIL, "interrupted: its process ended before the trial did"),
+            (TrialState.FAIL, "timed out after 5 s"),
         )
     )
-    assert [t.number for t in Snapshot(trials, 10, since=1).failures()] == [1, 3]
+    assert [t.number for t in Snapshot(trials, 10, since=1).failures()] == [1, 3, 6]
 
 
 def test_trial_seeds_are_reproducible_and_distinct() -> None:

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from sweeper.results.report import compute, outcome
+from sweeper.results.report import compute
+from sweeper.store import outcome
 from tests.browser import page, screenshot
 from tests.conftest import StudyDir, free_port, run_sweeper, study, sweeper_cmd
 
@@ -196,7 +197,7 @@ def test_outcomes_and_compute_saved() -> None:
         trial(TrialState.COMPLETE, 100),
         trial(TrialState.COMPLETE, 100),
         trial(TrialState.PRUNED, 40),
-        trial(TrialState.PRUNED, 5, divergence_onset=2),
+        trial(TrialState.PRUNED, 5, divergence_onset=2, diverged=True),
         trial(TrialState.FAIL, 0),
     ]
     assert [outcome(t) for t in trials] == ["complete", "complete", "pruned", "diverged", "failed"]

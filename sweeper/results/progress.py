@@ -6,9 +6,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial, TrialState
+
+if TYPE_CHECKING:
+    from sweeper.store import Snapshot
 
 
 def describe_value(metric: str, value: float | None) -> str:
@@ -82,9 +85,7 @@ def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def study_view(
-    trials: Sequence[FrozenTrial], metric: str, maximize: bool, n_trials: int, elapsed: float
-) -> Any:
+def study_view(snapshot: Snapshot, metric: str, maximize: bool, elapsed: float) -> Any:
     """A rich table: one line per running trial's slot, then the study line."""
     from rich.table import Table
 
@@ -92,6 +93,7 @@ def study_view(
     for column in ("slot", "device", "trial", "epoch/step", metric, "elapsed"):
         table.add_column(column)
     now = time.time()
+    trials, n_trials, counts = snapshot.trials, snapshot.n_trials, snapshot.counts
     running = sorted(
         (t for t in trials if t.state == TrialState.RUNNING and "slot" in t.user_attrs),
         key=lambda t: t.user_attrs["slot"],
@@ -108,16 +110,15 @@ def study_view(
             describe_value(metric, last.get(metric)).split("=", 1)[1],
             f"{now - started:.0f} s",
         )
-    counts = {state: sum(t.state == state for t in trials) for state in TrialState}
-    finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+    finished = snapshot.finished
     values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     best = (max if maximize else min)(values) if values else None
     left = ""
     if 0 < finished < n_trials:
         left = f", about {elapsed / finished * (n_trials - finished):.0f} s left"
     table.caption = (
-        f"{finished}/{n_trials} finished ({counts[TrialState.PRUNED]} pruned), "
-        f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running; "
+        f"{finished}/{n_trials} finished ({counts['pruned']} pruned), "
+        f"{counts['fail']} failed, {counts['running']} running; "
         f"best {describe_value(metric, best)}; {elapsed:.0f} s elapsed{left}"
     )
     table.caption_justify = "left"

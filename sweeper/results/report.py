@@ -18,7 +18,7 @@ from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
 from sweeper.results.best import best_trial, record_at_best
 from sweeper.run.overfitting import describe as describe_overfit
-from sweeper.store import read_trials
+from sweeper.store import has_ended, outcome, read_trials
 
 OUTCOME_COLOURS = {
     "complete": "#1f77b4",
@@ -33,21 +33,12 @@ SAMPLE = 500
 """Complete trials behind the importances and the parallel coordinates at most."""
 
 
-def outcome(trial: FrozenTrial) -> str:
-    """complete, pruned, diverged or failed."""
-    if trial.state == TrialState.COMPLETE:
-        return "complete"
-    if trial.state == TrialState.PRUNED:
-        return "diverged" if "divergence_onset" in trial.user_attrs else "pruned"
-    return "failed"
-
-
 def compute(trials: Sequence[FrozenTrial]) -> dict[str, float]:
     """Optimizer steps and device-seconds spent, and steps saved by stopping trials early.
 
     A trial stopped early saved the steps a complete trial ran and it did not.
     """
-    finished = [t for t in trials if t.state.is_finished()]
+    finished = [t for t in trials if has_ended(t)]
     full = max(
         (t.user_attrs.get("steps", 0) for t in finished if t.state == TrialState.COMPLETE),
         default=0,
@@ -123,7 +114,7 @@ def write_report(
 def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTrial]) -> str:
     counts = {name: 0 for name in OUTCOME_COLOURS}
     for trial in trials:
-        if trial.state.is_finished():
+        if has_ended(trial):
             counts[outcome(trial)] += 1
     spent = compute(trials)
     rows = [
@@ -139,9 +130,7 @@ def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTr
             f"{spent['saved_steps']:,} steps ({100 * spent['saved_share']:.0f} %)",
         ),
     ]
-    overfit = [
-        str(t.number) for t in trials if t.state.is_finished() and "overfit" in t.user_attrs
-    ]
+    overfit = [str(t.number) for t in trials if has_ended(t) and "overfit" in t.user_attrs]
     listed = ", ".join(overfit[:30]) + (" …" if len(overfit) > 30 else "")
     rows.append(
         (
@@ -204,7 +193,7 @@ def _figures(
     import plotly.graph_objects as go
     from optuna import visualization as vis
 
-    finished = [t for t in trials if t.state.is_finished()]
+    finished = [t for t in trials if has_ended(t)]
     complete = [t for t in finished if t.state == TrialState.COMPLETE]
     figures: list[tuple[str, Any]] = []
     if complete:
@@ -260,7 +249,7 @@ def learning_curves(config: StudyConfig, trials: Sequence[FrozenTrial]) -> Any:
     """The study metric of every finished trial against the step, coloured by outcome."""
     import plotly.graph_objects as go
 
-    trials = [t for t in trials if t.state.is_finished()]
+    trials = [t for t in trials if has_ended(t)]
     figure = go.Figure(layout={"title": "Learning curves by outcome"})
     stride = max(1, math.ceil(len(trials) / MAX_LINES))
     for name, colour in OUTCOME_COLOURS.items():

@@ -82,11 +82,11 @@ def mlflow_uri(config: StudyConfig) -> str:
 
 def outcome(state: TrialState, attrs: dict[str, Any]) -> str:
     """How a trial ended, in one word: complete, early-stopped, pruned, diverged or failed."""
-    if state == TrialState.COMPLETE:
-        return "early-stopped" if attrs.get("stop_reason") == "early-stopped" else "complete"
-    if state == TrialState.PRUNED:
-        return "diverged" if attrs.get("diverged") else "pruned"
-    return "failed"
+    from sweeper.store import outcome_of
+
+    if state == TrialState.COMPLETE and attrs.get("stop_reason") == "early-stopped":
+        return "early-stopped"
+    return outcome_of(state, attrs)
 
 
 def trial_run(config: StudyConfig, number: int, params: dict[str, Any]) -> TrialRun:

@@ -29,12 +29,42 @@ SYSTEMATIC_AFTER = 3
 """This many task errors in a row, the same each time, at the start of a run stop it."""
 
 
+ENDED = (*FINISHED, TrialState.FAIL)
+"""The states of a trial that will not run again (a failed one may be retried as a new trial)."""
+
+OUTCOMES = ("complete", "pruned", "diverged", "failed")
+"""How an ended trial ended, in the order reports list them."""
+
+
 def is_finished(trial: FrozenTrial) -> bool:
+    """Counts toward ``n_trials``: complete or pruned (diverged trials are pruned)."""
     return trial.state in FINISHED
 
 
+def has_ended(trial: FrozenTrial) -> bool:
+    """Finished or failed: the trial's run is over."""
+    return trial.state in ENDED
+
+
 def is_diverged(trial: FrozenTrial) -> bool:
-    return bool(trial.user_attrs.get("diverged"))
+    """Stopped by the divergence guard (a pruned trial)."""
+    return outcome(trial) == "diverged"
+
+
+def outcome(trial: FrozenTrial) -> str:
+    """One of :data:`OUTCOMES` for an ended trial; its state in lower case otherwise."""
+    return outcome_of(trial.state, trial.user_attrs)
+
+
+def outcome_of(state: TrialState, user_attrs: dict[str, Any]) -> str:
+    """:func:`outcome` of a trial in ``state`` with these user attributes (while it is told)."""
+    if state == TrialState.COMPLETE:
+        return "complete"
+    if state == TrialState.PRUNED:
+        return "diverged" if user_attrs.get("diverged") else "pruned"
+    if state == TrialState.FAIL:
+        return "failed"
+    return state.name.lower()
 
 
 def is_task_error(trial: FrozenTrial) -> bool:
@@ -199,14 +229,13 @@ class Snapshot:
         return [t for t in self.trials if t.number >= self.since]
 
     def failures(self) -> list[FrozenTrial]:
-        """This run's failed trials, but for those ended by stopping the sweep."""
+        """This run's failed trials (task errors, kills, timeouts), not those interrupted
+        from outside (a stopped sweep, a machine gone silent): ``max_failures`` counts these."""
         return [
             t
             for t in self.this_run
             if t.state == TrialState.FAIL
-            and not str(t.user_attrs.get("stop_reason", "")).startswith(
-                f"{INTERRUPTED}: the sweep was stopped"
-            )
+            and not str(t.user_attrs.get("stop_reason", "")).startswith(INTERRUPTED)
         ]
 
     def systematic(self) -> FrozenTrial | None:
