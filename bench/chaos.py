@@ -248,8 +248,10 @@ def kill_rounds(storage: str, url: str, folder: Path, kills: int, rng: random.Ra
             "trial": [p for p, d in family.items() if d == 2],
         }[role] or [rounds.sweep.pid]
         fault_at = dt.datetime.now()
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.kill(rng.choice(pool), signal.SIGKILL)
+        except ProcessLookupError:  # it ended on its own a moment ago: not a kill
+            continue
         row.faults += 1
         row.worst_gap_s = max(
             row.worst_gap_s, wait_gap(rounds.url, rounds.name, fault_at, rounds.poll)
