@@ -243,6 +243,7 @@ def test_sigterm_reaches_sweeper_running_as_pid_1(study_dir: StudyDir) -> None:
     os.kill(init, signal.SIGTERM)  # PID 1 of its namespace: only a handled signal arrives
     out, err = sweep.communicate(timeout=120)
     assert "terminated" in err, out + err
+    assert sweep.returncode == 143, out + err
     assert not load(study_dir).get_trials(states=(TrialState.RUNNING,))
 
 

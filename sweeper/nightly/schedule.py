@@ -398,7 +398,7 @@ def install_systemd(config: StudyConfig, enable: bool, emit: Callable[[str], Non
     for file_name, text in units.items():
         path = folder / file_name
         if not path.exists() or path.read_text() != text:
-            path.write_text(text)
+            write_text(path, text)
             emit(f"wrote {path}")
         written.append(path)
     _remove_units(older_units(config), emit)
