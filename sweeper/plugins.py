@@ -119,7 +119,7 @@ def _build(
         with _quiet_experimental():
             return factory(*args, **options)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{config.path}: {section}: {_one_line(exc)}") from None
+        raise ConfigError(f"{config.path}: {section}: {_one_line(exc)}") from exc
 
 
 def _check_known(config: StudyConfig, section: str, factory: Any, options: dict[str, Any]) -> None:
@@ -168,7 +168,7 @@ def check_plugins(config: StudyConfig) -> None:
     try:
         _exercise(config, distributions, options)
     except Exception as exc:  # Optuna raises many kinds on a bad option
-        raise ConfigError(_blame(config, distributions, options, exc)) from None
+        raise ConfigError(_blame(config, distributions, options, exc)) from exc
 
 
 def _check_types(config: StudyConfig, section: str, factory: Any, options: dict[str, Any]) -> None:

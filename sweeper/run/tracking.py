@@ -54,7 +54,7 @@ def check_tracking(config: StudyConfig) -> None:
         raise ConfigError(
             f"{config.path}: tracking.backend: {backend} {problem}; "
             f"pip install 'sweeper[{backend}]'"
-        ) from None
+        ) from exc
     if backend == "mlflow":
         mlflow_uri(config)
 
