@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
@@ -138,6 +139,7 @@ def open_storage(
     a clear error naming the command that upgrades it.
     """
     parsed = parse_url(url)
+    shown = mask_url(url)
     path = sqlite_path(url)
     engine_kwargs: dict[str, Any] = {}
     if path is not None:
@@ -174,13 +176,9 @@ def open_storage(
                 f"upgrade it with `optuna storage upgrade --storage '{mask_url(str(parsed))}'` "
                 "(back it up first), then run again"
             ) from exc
-        raise StorageError(
-            f"cannot open study storage {mask_url(url)}: {first_line(exc)}"
-        ) from exc
+        raise StorageError(f"cannot open study storage {shown}: {first_line(exc)}") from exc
     except Exception as exc:  # SQLAlchemy and driver errors vary by backend
-        raise StorageError(
-            f"cannot open study storage {mask_url(url)}: {first_line(exc)}"
-        ) from exc
+        raise StorageError(f"cannot open study storage {shown}: {first_line(exc)}") from exc
     if path is not None:
         event.listen(storage.engine, "connect", _sync_on_checkpoint)
     if path is not None and writer:
@@ -190,17 +188,41 @@ def open_storage(
 
 def read_only_url(path: Path) -> str:
     """A SQLite URL that opens ``path`` read-only: a ``file:`` URI, so a folder
-    name with ``#``, ``?`` or ``%`` is escaped, not read as URI syntax."""
+    name with ``#``, ``?`` or ``%`` is escaped, not read as URI syntax.
+
+    On a read-only file system SQLite cannot make the shared-memory file WAL
+    needs; nothing can write there either, so the file is opened as immutable.
+    """
+    query = {"mode": "ro", "uri": "true"}
+    with contextlib.suppress(OSError):  # the open says what is wrong
+        if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+            query["immutable"] = "1"
     uri = path.absolute().as_uri()
-    return URL.create(
-        "sqlite", database=uri, query={"mode": "ro", "uri": "true"}
-    ).render_as_string(hide_password=False)
+    return URL.create("sqlite", database=uri, query=query).render_as_string(hide_password=False)
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def check_sqlite_path(path: Path) -> None:
-    """Refuse a SQLite path that names a folder, or whose folder is a file or missing."""
+    """Refuse a SQLite path that names a folder, a file that is not a SQLite database (an
+    empty file is a new one), something that is not a file (a pipe would hang), or whose
+    folder is a file."""
     if path.is_dir():
         raise StorageError(f"the storage {path} is a folder; name a database file in it")
+    if path.exists():
+        if not path.is_file():
+            raise StorageError(f"the storage {path} is not a regular file; name a database file")
+        try:
+            with path.open("rb") as file:
+                head = file.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            raise StorageError(f"cannot read the storage {path}: {exc.strerror or exc}") from exc
+        if head and head != SQLITE_HEADER:
+            raise StorageError(
+                f"the storage {path} is not a SQLite database; name a new file or a study's "
+                "database"
+            )
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise StorageError(f"cannot keep the storage {path}: {parent} is a file, not a folder")
@@ -222,7 +244,12 @@ def storage_failure(exc: BaseException) -> StorageFailed:
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of a database error, without SQLAlchemy's background link."""
+    """The first line of a database error, without SQLAlchemy's background link; under
+    Optuna's "exception during the commit" wrapper, the error it wraps."""
+    while isinstance(exc, optuna.exceptions.StorageInternalError) and (
+        exc.__cause__ or exc.__context__
+    ):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
