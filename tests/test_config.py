@@ -331,6 +331,14 @@ HOSTILE = {
         ["schedule.timezone: unknown time zone 'ZZZ"],
     ),
     "negative seed": (study(study={"seed": -1}), ["study.seed: Input should be greater"]),
+    "trainer precision Lightning does not know": (
+        study(trainer={"precision": "bogus"}),
+        ["trainer.precision: 'bogus' is not one of", "'bf16-mixed'"],
+    ),
+    "trainer value Lightning refuses": (
+        study(trainer={"max_epochs": -5}),
+        ["trainer.max_epochs: `max_epochs` must be a non-negative integer or -1"],
+    ),
     "nan bound": (
         study(search={**BASE["search"], "lr": {"low": float("nan"), "high": 1.0}}),
         ["search.lr.low: must be a number, got nan"],

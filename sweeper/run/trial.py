@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import traceback
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +96,77 @@ def check_trainer_options(config: StudyConfig) -> None:
             raise ConfigError(
                 f"{config.path}: trainer.{key}: not an option of lightning.Trainer{hint}"
             )
+    _check_trainer_values(config)
     check_tracking(config)
+
+
+def _kinds(hint: Any) -> str:
+    """A type hint in words: ``int | None`` is "an int", literals are listed."""
+    import typing
+
+    literals: list[str] = []
+    names: list[str] = []
+
+    def walk(part: Any) -> None:
+        origin = typing.get_origin(part)
+        if origin is typing.Literal:
+            literals.extend(repr(v) for v in typing.get_args(part))
+        elif origin in (typing.Union, types.UnionType):
+            for inner in typing.get_args(part):
+                walk(inner)
+        elif part is not type(None):
+            names.append(getattr(part, "__name__", None) or str(part).replace("typing.", ""))
+
+    walk(hint)
+    kinds = [f"a {name}" if name[0].lower() not in "aeiou" else f"an {name}" for name in names]
+    if literals:
+        kinds.append("one of " + ", ".join(literals))
+    return " or ".join(kinds) or str(hint)
+
+
+def _check_trainer_values(config: StudyConfig) -> None:
+    """Each ``[trainer]`` value of the type lightning.Trainer declares, then a Trainer built
+    from them (on the CPU, writing nothing), so a bad value fails here, not in every trial."""
+    import tempfile
+    import typing
+
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+    hints = typing.get_type_hints(pl.Trainer.__init__)
+    for key, value in config.trainer.items():
+        if key in SWEEPER_TRAINER_KEYS or key not in hints:
+            continue
+        try:
+            adapter: TypeAdapter[Any] = TypeAdapter(
+                hints[key], config=ConfigDict(arbitrary_types_allowed=True, allow_inf_nan=False)
+            )
+        except Exception:  # a type pydantic cannot check: the Trainer below will
+            continue
+        try:
+            adapter.validate_python(value, strict=True)
+        except ValidationError:
+            raise ConfigError(
+                f"{config.path}: trainer.{key}: {value!r} is not {_kinds(hints[key])}"
+            ) from None
+    options = trainer_options(config, Slot(index=0, gpu=None, threads=1))
+    given = [key for key in config.trainer if key in options]
+    with tempfile.TemporaryDirectory() as folder:
+
+        def refused(chosen: dict[str, Any]) -> Exception | None:
+            try:
+                pl.Trainer(**chosen, default_root_dir=folder)
+            except Exception as exc:  # Lightning raises several kinds for a bad value
+                return exc
+            return None
+
+        problem = refused(options)
+        if problem is None:
+            return
+        alone = {k: v for k, v in options.items() if k not in given}
+        blamed = next((k for k in given if refused({**alone, k: options[k]})), None)
+    text = str(problem).strip().splitlines()[0] if str(problem).strip() else repr(problem)
+    where = f"trainer.{blamed}" if blamed else "trainer"
+    raise ConfigError(f"{config.path}: {where}: {text}") from problem
 
 
 def trainer_options(
