@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,22 +26,38 @@ def replacing(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     Each writer gets a temporary file of its own beside ``path``, so two
     writers of one file (two machines sharing a folder) never collide: the
     last rename wins, whole. On any error the temporary file is removed.
+    A symlink is followed: its target is replaced, from beside the target. A
+    FIFO or a device is not replaced but written in place.
     """
-    if path.is_dir():
-        raise OutputError(f"{path}: is a folder; give a file name, e.g. {path / 'report.html'}")
+    encoding = None if "b" in mode else "utf-8"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        found = path.stat()
+    except FileNotFoundError:
+        found = None
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    if found is not None and stat.S_ISDIR(found.st_mode):
+        raise OutputError(f"{path}: is a folder; give a file name, e.g. {path / 'report.html'}")
+    if found is not None and not stat.S_ISREG(found.st_mode):
+        try:
+            with open(path, mode, encoding=encoding) as file:
+                yield file
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        return
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".partial", dir=path.parent
+            prefix=f".{target.name}.", suffix=".partial", dir=target.parent
         )
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
-        encoding = None if "b" in mode else "utf-8"
         with open(handle, mode, encoding=encoding) as file:
             yield file
         os.chmod(name, 0o644)
-        os.replace(name, path)
+        os.replace(name, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(name)
@@ -70,3 +87,13 @@ def check_writable(folder: Path) -> None:
             pass
     except OSError as exc:
         raise OutputError(f"cannot write into {folder}: {exc.strerror or exc}") from exc
+
+
+def make_folder(folder: Path) -> Path:
+    """``folder``, made with its parents; checked first, so a refusal makes nothing."""
+    check_writable(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot make the folder {folder}: {exc.strerror or exc}") from exc
+    return folder

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,38 @@ def test_report_into_a_folder_or_proc_is_one_line_and_leaves_nothing(
     )
 
 
+def test_report_follows_a_symlink_and_writes_a_fifo_in_place(study_dir: StudyDir) -> None:
+    path = study_dir.write(study(study={"n_trials": 1}))
+    assert run_sweeper("start", str(path)).returncode == 0
+    (study_dir.root / "reports").mkdir()
+    target = study_dir.root / "reports" / "tiny.html"
+    target.write_text("last week's report")
+    link = study_dir.root / "link.html"
+    link.symlink_to(Path("reports") / "tiny.html")
+    result = run_sweeper("report", str(path), "-o", str(link))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert link.is_symlink() and os.readlink(link) == str(Path("reports") / "tiny.html")
+    assert "<html" in target.read_text()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["tiny.html"], "no temporary file"
+
+    fifo = study_dir.root / "report.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    # A writer of our own lets the reader open at once and never hang on a replaced FIFO.
+    keep_open = os.open(fifo, os.O_RDWR)
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    try:
+        result = run_sweeper("report", str(path), "-o", str(fifo))
+    finally:
+        os.close(keep_open)
+    reader.join(timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO is still a FIFO"
+    assert received and b"<html" in received[0]
+    assert not [p for p in study_dir.root.iterdir() if p.name.endswith(".partial")]
+
+
 @pytest.mark.parametrize("port", ["70000", "-1"])
 def test_dashboard_on_an_impossible_port_is_one_line(study_dir: StudyDir, port: str) -> None:
     path = study_dir.write(study(study={"n_trials": 1}))
@@ -78,7 +112,9 @@ def test_dashboard_on_port_0_says_which_port_it_bound(study_dir: StudyDir) -> No
     assert "on http://127.0.0.1:" in line and ":0/" not in line, line
 
 
-def read_only(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def read_only(
+    folder: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run sweeper with ``folder`` mounted read-only, in a mount namespace of its own."""
     command = " ".join(f"'{part}'" for part in sweeper_cmd(*args))
     script = f"mount --bind '{folder}' '{folder}' && mount -o remount,bind,ro '{folder}' && "
@@ -87,7 +123,7 @@ def read_only(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**(env or os.environ), "PYTHONUNBUFFERED": "1"},
     )
 
 
