@@ -25,7 +25,15 @@ from sweeper.nightly.night import EXIT_REGRESSION, fit_to_space
 from sweeper.nightly.notify import NOTIFY_DEADLINE
 from sweeper.space import SearchSpace
 from sweeper.store import process_start
-from tests.conftest import StudyDir, free_port, run_sweeper, study, sweeper_cmd
+from tests.conftest import (
+    StudyDir,
+    free_port,
+    one_line_error,
+    run_sweeper,
+    study,
+    sweeper_cmd,
+)
+from tests.test_hostile_paths import needs_mounts, read_only
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -451,3 +459,43 @@ def test_bad_data_stops_a_night_before_anything_is_written(study_dir: StudyDir) 
     assert "'x': train row 1 (a), train row 2 (b)" in result.stdout
     assert "the data audit found 1 error(s)" in result.stderr
     assert study_dir.created() == [], "no storage, no night folder, no lock file"
+
+
+def test_an_output_folder_that_is_a_file_is_one_line_and_nothing_written(
+    study_dir: StudyDir,
+) -> None:
+    path = study_dir.write(study(study={"n_trials": 1}))
+    (study_dir.root / "tiny").write_text("not a folder")
+    result = run_sweeper("nightly", str(path), "--night", "2026-11-20")
+    one_line_error(result, f"{study_dir.root / 'tiny'} is a file, not a folder")
+    assert study_dir.created() == ["tiny"], "no storage, so no night study"
+    assert (study_dir.root / "tiny").read_text() == "not a folder"
+
+
+def test_a_read_only_study_folder_is_one_line_and_nothing_written(
+    study_dir: StudyDir, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    needs_mounts()
+    storage = tmp_path_factory.mktemp("storage") / "tiny.db"
+    path = study_dir.write(study(study={"n_trials": 1, "storage": f"sqlite:///{storage}"}))
+    result = read_only(study_dir.root, "nightly", str(path), "--night", "2026-11-20")
+    one_line_error(result, f"cannot write into {study_dir.root / 'tiny'}", "Read-only")
+    assert not storage.exists(), "no night study"
+    assert study_dir.created() == []
+
+
+def test_an_unreachable_postgresql_is_one_line_and_leaves_no_lock(study_dir: StudyDir) -> None:
+    url = f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none"
+    path = study_dir.write(study(study={"n_trials": 1, "storage": url}))
+    result = run_sweeper("nightly", str(path), "--night", "2026-11-20", timeout=120)
+    one_line_error(result, "cannot open study storage", "127.0.0.1")
+    assert study_dir.created() == [], "no night folder, no lock file"
+
+
+def test_a_storage_refused_once_the_night_holds_its_lock_leaves_no_lock(
+    study_dir: StudyDir,
+) -> None:
+    path = study_dir.write(study(study={"n_trials": 1, "storage": "sqlite:////proc/sweeper/x.db"}))
+    result = run_sweeper("nightly", str(path), "--night", "2026-11-20", timeout=120)
+    one_line_error(result, "cannot create the claim lock")
+    assert study_dir.created() == [], "no night folder, no lock file"

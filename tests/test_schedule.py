@@ -22,6 +22,7 @@ import pytest
 from sweeper.config import load_config
 from sweeper.nightly.schedule import ScheduleError, on_calendar, systemd_units
 from tests.conftest import StudyDir, one_line_error, run_sweeper, study, sweeper_cmd
+from tests.test_hostile_paths import needs_mounts, read_only
 
 CRONTAB = "MAILTO=ops@example.org\n# nightly backups\n30 1 * * * /usr/local/bin/backup --all\n"
 UNIT = re.compile(r"sweeper-nightly-tiny-[0-9a-f]{8}\.(service|timer)")
@@ -176,6 +177,53 @@ def test_a_folder_systemd_cannot_name_as_it_is_is_refused(
     result = systemd.run("schedule", "install", str(path), "--systemd", "--no-enable")
     one_line_error(result, f"{str(folder)!r}: systemd cannot take a path that ends in a space")
     assert not systemd.config.exists()
+
+
+def test_crontab_escapes_a_percent_sign_in_the_study_path(tmp_path: Path) -> None:
+    folder = tmp_path / "100% tiny"
+    folder.mkdir()
+    path = StudyDir(folder).write(study(schedule={"cron": "0 2 * * *"}))
+    crontab = tmp_path / "crontab"
+    result = run_sweeper("schedule", "install", str(path), "--crontab-file", str(crontab))
+    assert result.returncode == 0, result.stderr
+    _, entry = crontab.read_text().splitlines()
+    assert re.search(r"(?<!\\)%", entry) is None, f"an unescaped % ends cron's command: {entry}"
+    assert f" cd {shlex.quote(str(folder))} && ".replace("%", "\\%") in entry
+    assert f" nightly {shlex.quote(str(path))} ".replace("%", "\\%") in entry
+    log = shlex.quote(str(folder / "tiny" / "nightly.log")).replace("%", "\\%")
+    assert entry.endswith(f">> {log} 2>&1")
+
+
+@pytest.mark.parametrize("scheduler", ["crontab", "systemd"])
+def test_a_log_folder_that_is_a_file_is_one_line_and_nothing_written(
+    study_dir: StudyDir, systemd: Systemd, scheduler: str
+) -> None:
+    path = study_dir.write(study(schedule={"cron": "0 2 * * *"}))
+    (study_dir.root / "tiny").write_text("not a folder")
+    crontab = study_dir.root / "crontab"
+    crontab.write_text(CRONTAB)
+    where = ["--systemd"] if scheduler == "systemd" else ["--crontab-file", str(crontab)]
+    result = systemd.run("schedule", "install", str(path), *where)
+    one_line_error(result, f"{study_dir.root / 'tiny'} is a file, not a folder")
+    assert crontab.read_bytes() == CRONTAB.encode()
+    assert not systemd.config.exists() and systemd.calls() == []
+    assert (study_dir.root / "tiny").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("scheduler", ["crontab", "systemd"])
+def test_a_read_only_study_folder_is_one_line_and_nothing_written(
+    study_dir: StudyDir, systemd: Systemd, tmp_path_factory: pytest.TempPathFactory, scheduler: str
+) -> None:
+    needs_mounts()
+    path = study_dir.write(study(schedule={"cron": "0 2 * * *"}))
+    crontab = tmp_path_factory.mktemp("cron") / "crontab"
+    crontab.write_text(CRONTAB)
+    where = ["--systemd"] if scheduler == "systemd" else ["--crontab-file", str(crontab)]
+    result = read_only(study_dir.root, "schedule", "install", str(path), *where, env=systemd.env)
+    one_line_error(result, f"cannot write into {study_dir.root / 'tiny'}", "Read-only")
+    assert crontab.read_bytes() == CRONTAB.encode()
+    assert not systemd.config.exists() and systemd.calls() == []
+    assert study_dir.created() == []
 
 
 WEIRD = 'x %d %h $HOME ${USER} "q" b\\c'

@@ -124,17 +124,18 @@ def schedule_install(
     debug: Debug = False,
 ) -> None:
     """Install the nightly run; installing again changes nothing."""
+    from sweeper.atomic import make_folder
     from sweeper.nightly import schedule
 
     config = load_config(study_file)
     if systemd:
         schedule.systemd_units(config)  # refuses what systemd cannot express
-        schedule.log_file(config).parent.mkdir(parents=True, exist_ok=True)
+        make_folder(schedule.log_file(config).parent)
         schedule.install_systemd(config, enable, say)
         return
     crontab = schedule.Crontab(crontab_file)
     block = schedule.crontab_block(config)
-    schedule.log_file(config).parent.mkdir(parents=True, exist_ok=True)
+    make_folder(schedule.log_file(config).parent)
     before = crontab.read()
     after = schedule.install_crontab(before, block, block[0])
     if after == before:

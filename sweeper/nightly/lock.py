@@ -49,6 +49,17 @@ class NightLock:
             os.close(self._fd)  # the record stays: it names the last holder
             self._fd = None
 
+    def discard(self) -> None:
+        """Release the lock, and remove its file and folder when nothing else is in it."""
+        try:
+            with _gate(self.path.parent):
+                self.release()
+                if [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+                    os.unlink(self.path)
+                    os.rmdir(self.path.parent)
+        except OSError:
+            pass  # what is left names the last holder, as after any night
+
     def _try(self) -> dict[str, Any] | None:
         """Take the flock and write this process's record (None), or read the holder's."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

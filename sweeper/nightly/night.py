@@ -24,8 +24,9 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper import store
-from sweeper.atomic import write_text
+from sweeper.atomic import check_writable, make_folder, write_text
 from sweeper.config import StudyConfig
+from sweeper.errors import SweeperError
 from sweeper.nightly.lock import NightLock
 from sweeper.nightly.notify import notify
 from sweeper.space import SearchSpace, parse_space
@@ -75,7 +76,12 @@ def run_night(
         lock.release()
     # bad data or input stops the night before any write
     checked = check(tonight, emit, ignore_audit)
-    lock.path.parent.mkdir(parents=True, exist_ok=True)
+    # a folder that cannot be made or a storage that cannot be opened stops the night
+    # before the lock file is written
+    check_writable(lock.path.parent)
+    nights(config)
+    made = not lock.path.parent.exists()
+    make_folder(lock.path.parent)
     holder = lock.acquire(emit)
     if holder is not None:
         emit(_busy(config, lock.path, holder))
@@ -114,6 +120,10 @@ def run_night(
         if config.schedule.notify:
             notify(config.schedule.notify, summary, emit)
         return {"regression": EXIT_REGRESSION, "no-result": 1}.get(summary["status"], 0)
+    except SweeperError as exc:
+        if made and exc.exit_code == 2:
+            lock.discard()  # bad input found under the lock: the folder made for it goes
+        raise
     finally:
         lock.release()
 
