@@ -171,24 +171,57 @@ def check_plugins(config: StudyConfig) -> None:
         raise ConfigError(_blame(config, distributions, options, exc)) from exc
 
 
+PLAIN_KINDS: dict[str, tuple[type, ...]] = {
+    "bool": (bool,),
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "None": (type(None),),
+}
+"""Annotations sweeper checks an option's value against, and the values they take."""
+
+KIND_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text"}
+
+
 def _check_types(config: StudyConfig, section: str, factory: Any, options: dict[str, Any]) -> None:
-    """An option whose default is a boolean or number takes the same kind of value."""
+    """An option takes the kind of value its annotation (or else its default) says; a count
+    (``n_...``) is 0 or more."""
     for key, value in options.items():
-        default = inspect.signature(factory).parameters[key].default
-        if isinstance(default, bool):
-            ok, kind = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
-        elif isinstance(default, float):
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            kind = "a number"
-        else:
+        parameter = inspect.signature(factory).parameters[key]
+        kinds = _plain_kinds(parameter.annotation, parameter.default)
+        if kinds is None:
             continue
+        ok = any(
+            isinstance(value, PLAIN_KINDS[kind])
+            and (kind == "bool" or not isinstance(value, bool))
+            for kind in kinds
+        )
+        words = " or ".join(KIND_WORDS[k] for k in kinds if k != "None")
         if not ok:
-            raise ConfigError(
-                f"{config.path}: {section}.{key}: must be {kind} (the default is {default!r}), "
-                f"got {shown(value)}"
+            default = parameter.default
+            known = (
+                ""
+                if default in (None, inspect.Parameter.empty)
+                else f" (the default is {default!r})"
             )
+            raise ConfigError(
+                f"{config.path}: {section}.{key}: must be {words}{known}, got {shown(value)}"
+            )
+        if key.startswith("n_") and isinstance(value, int) and value < 0:
+            raise ConfigError(
+                f"{config.path}: {section}.{key}: a count, 0 or more, got {shown(value)}"
+            )
+
+
+def _plain_kinds(annotation: Any, default: Any) -> list[str] | None:
+    """The plain kinds (:data:`PLAIN_KINDS`) an option takes, or None when it takes others."""
+    if isinstance(annotation, str):
+        parts = [part.strip() for part in annotation.split("|")]
+    elif isinstance(default, bool | int | float) and default is not None:
+        parts = [type(default).__name__]
+    else:
+        return None
+    return parts if parts and all(part in PLAIN_KINDS for part in parts) else None
 
 
 def _exercise(

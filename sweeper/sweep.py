@@ -50,8 +50,8 @@ def validate(config: StudyConfig) -> Plan:
     load_task(config)
     from sweeper.run.trial import check_trainer_options
 
-    check_trainer_options(config)
     check_plugins(config)
+    check_trainer_options(config)
     resources = config.resources
     try:
         planned = plan(

@@ -284,7 +284,15 @@ HOSTILE = {
     ),
     "pruner option without a default, of the wrong type": (
         study(pruner={"name": "percentile", "percentile": "x", "n_warmup_steps": 1}),
-        ["pruner.percentile: TypeError: '<=' not supported", "(got 'x')"],
+        ["pruner.percentile: must be a number, got 'x'"],
+    ),
+    "sampler option annotated but defaulting to None": (
+        study(sampler={"name": "tpe", "multivariate": "yes"}),
+        ["sampler.multivariate: must be true or false, got 'yes'"],
+    ),
+    "negative count": (
+        study(sampler={"name": "tpe", "n_startup_trials": -3}),
+        ["sampler.n_startup_trials: a count, 0 or more, got -3"],
     ),
     "step larger than its range": (
         study(search={**BASE["search"], "hidden": {"low": 4, "high": 32, "step": 64}}),

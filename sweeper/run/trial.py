@@ -150,6 +150,7 @@ def _check_trainer_values(config: StudyConfig) -> None:
             ) from None
     options = trainer_options(config, Slot(index=0, gpu=None, threads=1))
     given = [key for key in config.trainer if key in options]
+    quiet_lightning()  # a Trainer announces the devices it found
     with tempfile.TemporaryDirectory() as folder:
 
         def refused(chosen: dict[str, Any]) -> Exception | None:
