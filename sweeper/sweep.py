@@ -167,8 +167,9 @@ class ChartPublisher(Observer):
 
     def tick(self, study: Any, snapshot: Any) -> None:
         from sweeper.results.dashboard import publish
+        from sweeper.store import has_ended
 
-        finished = snapshot.finished
+        finished = sum(has_ended(t) for t in snapshot.trials)  # a failure changes charts too
         if finished != self.finished and time.monotonic() - self.at > PUBLISH_EVERY:
             publish(self.config, study)
             self.at, self.finished = time.monotonic(), finished

@@ -230,6 +230,21 @@ def test_check_accepts_a_good_file_and_writes_nothing(study_dir: StudyDir) -> No
     assert study_dir.created() == []
 
 
+def test_trainer_options_lightning_accepts_are_accepted(study_dir: StudyDir) -> None:
+    trainer = {
+        "max_epochs": 2,
+        "default_root_dir": "runs",
+        "precision": "16-mixed",
+        "gradient_clip_val": 1,
+        "deterministic": "warn",
+    }
+    path = study_dir.write(study(trainer=trainer))
+    result = runner.invoke(app, ["check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "", "the stand-in Trainer of the check says nothing"
+    assert study_dir.created() == []
+
+
 def test_example_studies_are_valid() -> None:
     from pathlib import Path
 

@@ -10,6 +10,7 @@ import sys
 import time
 import traceback
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,7 +156,9 @@ def _check_trainer_values(config: StudyConfig) -> None:
 
         def refused(chosen: dict[str, Any]) -> Exception | None:
             try:
-                pl.Trainer(**chosen, default_root_dir=folder)
+                with warnings.catch_warnings():  # about this CPU stand-in, not the trials
+                    warnings.simplefilter("ignore")
+                    pl.Trainer(**{"default_root_dir": folder, **chosen})
             except Exception as exc:  # Lightning raises several kinds for a bad value
                 return exc
             return None

@@ -144,6 +144,7 @@ def open_storage(
     engine_kwargs: dict[str, Any] = {}
     if path is not None:
         check_sqlite_path(path)
+        check_database(path)
         if not path.exists() and not create:
             raise StorageError(f"no study storage at {path}; run `sweeper start` first")
         if create:
@@ -191,38 +192,28 @@ def read_only_url(path: Path) -> str:
     name with ``#``, ``?`` or ``%`` is escaped, not read as URI syntax.
 
     On a read-only file system SQLite cannot make the shared-memory file WAL
-    needs; nothing can write there either, so the file is opened as immutable.
+    needs; nothing can write there either, so a database without pending WAL
+    content is opened as immutable (one with it needs SQLite's own read-only
+    WAL path, which needs its ``-shm`` file).
     """
     query = {"mode": "ro", "uri": "true"}
+    wal = path.with_name(f"{path.name}-wal")
     with contextlib.suppress(OSError):  # the open says what is wrong
-        if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+        pending = wal.exists() and wal.stat().st_size > 0
+        if os.statvfs(path.parent).f_flag & os.ST_RDONLY and not pending:
             query["immutable"] = "1"
     uri = path.absolute().as_uri()
     return URL.create("sqlite", database=uri, query=query).render_as_string(hide_password=False)
 
 
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
 def check_sqlite_path(path: Path) -> None:
-    """Refuse a SQLite path that names a folder, a file that is not a SQLite database (an
-    empty file is a new one), something that is not a file (a pipe would hang), or whose
-    folder is a file."""
+    """Refuse a SQLite path that names a folder, something that is not a file (a pipe would
+    hang), or whose folder is a file. Only looks (``stat``): closing a file this process
+    opened would drop the locks its SQLite connections hold on it."""
     if path.is_dir():
         raise StorageError(f"the storage {path} is a folder; name a database file in it")
-    if path.exists():
-        if not path.is_file():
-            raise StorageError(f"the storage {path} is not a regular file; name a database file")
-        try:
-            with path.open("rb") as file:
-                head = file.read(len(SQLITE_HEADER))
-        except OSError as exc:
-            raise StorageError(f"cannot read the storage {path}: {exc.strerror or exc}") from exc
-        if head and head != SQLITE_HEADER:
-            raise StorageError(
-                f"the storage {path} is not a SQLite database; name a new file or a study's "
-                "database"
-            )
+    if path.exists() and not path.is_file():
+        raise StorageError(f"the storage {path} is not a regular file; name a database file")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise StorageError(f"cannot keep the storage {path}: {parent} is a file, not a folder")
@@ -252,6 +243,28 @@ def first_line(exc: BaseException) -> str:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_database(path: Path) -> None:
+    """Refuse an existing file that is not a SQLite database (an empty one is a new one).
+
+    SQLite reads the header itself: it keeps its locks when this connection closes.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    try:
+        connection = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            connection.execute("PRAGMA schema_version")
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise StorageError(
+                f"the storage {path} is not a SQLite database; name a new file or a study's "
+                "database"
+            ) from exc
+        # any other trouble (a read-only mount, a lock) is for the real open to report
 
 
 def _prepare_sqlite(path: Path) -> None:

@@ -12,7 +12,7 @@ from sweeper.config import StudyConfig
 from sweeper.errors import ConfigError, StorageError
 from sweeper.space import SearchSpace, parse_space
 from sweeper.store.claims import claim_lock
-from sweeper.store.open import open_storage, sqlite_path
+from sweeper.store.open import check_database, open_storage, sqlite_path
 
 SPACE_ATTR = "sweeper:search_space"
 METRIC_ATTR = "sweeper:metric"
@@ -27,6 +27,8 @@ def create_or_resume(config: StudyConfig) -> optuna.Study:
     space = parse_space(config.search, config.path)
     url = config.storage_url
     path = sqlite_path(url)
+    if path is not None:
+        check_database(path)  # before the claim lock's file is made beside it
     with claim_lock(config):
         if path is not None and not path.exists():
             _create_sqlite(config, path, space)
