@@ -86,7 +86,7 @@ def run_plain(folder: Path, trials: int, epochs: int) -> tuple[list[float], floa
     import lightning.pytorch as pl
     from digits_task import build
 
-    from sweeper.run.trial import quiet_lightning
+    from sweeper.run.trainer import quiet_lightning
 
     quiet_lightning()
 

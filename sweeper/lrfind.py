@@ -73,7 +73,8 @@ def run_range_test(config: StudyConfig, steps: int = 100) -> RangeTest:
     from lightning.pytorch.tuner import Tuner
 
     from sweeper.run.devices import Slot
-    from sweeper.run.trial import build_task, quiet_lightning, trainer_options
+    from sweeper.run.trainer import quiet_lightning, trainer_options
+    from sweeper.run.trial import build_task
     from sweeper.tasks import load_task
 
     space = parse_space(config.search, config.path)

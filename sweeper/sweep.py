@@ -48,7 +48,7 @@ def validate(config: StudyConfig) -> Plan:
     from sweeper.tasks import load_task
 
     load_task(config)
-    from sweeper.run.trial import check_trainer_options
+    from sweeper.run.trainer import check_trainer_options
 
     check_plugins(config)
     check_trainer_options(config)

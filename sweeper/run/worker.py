@@ -243,7 +243,7 @@ def _die_with_parent(sig: signal.Signals) -> None:
 
 def _quiet() -> None:
     """Silence Lightning's console output; the study records what matters."""
-    from sweeper.run.trial import quiet_lightning
+    from sweeper.run.trainer import quiet_lightning
 
     quiet_lightning()
     warnings.filterwarnings("ignore")
