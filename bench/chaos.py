@@ -316,6 +316,8 @@ def fault_sweep(
             if t.state == TrialState.FAIL
         }
         row.message = "; ".join(sorted(r[:70] for r in reasons))[:160]
+        if sweep.returncode != 0 and err.strip():  # the sweep's own words first
+            row.message = f"{err.strip().splitlines()[-1][:100]} / {row.message}"[:160]
     return finish(row, path, url, name, db)
 
 
