@@ -119,6 +119,24 @@ def test_a_trial_past_its_time_limit_is_failed_and_the_sweep_goes_on(
     assert finished(trials) == 4
 
 
+def test_timeouts_in_a_row_are_failed_trials_not_a_broken_worker(study_dir: StudyDir) -> None:
+    path = study_dir.write(
+        study(
+            study={"n_trials": 4, "max_failures": 4},
+            search={"lr": {"low": 1e-3, "high": 1.0, "log": True}, "hang_above": 0.0},
+            sampler={"name": "random"},
+            resources={"devices": "cpu", "cpu_workers": 1, "trial_timeout": 2},
+        )
+    )
+    result = run_sweeper("start", str(path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "4 trials failed in this run ([study] max_failures = 4)" in result.stderr
+    assert "timed out after 2 s" in result.stderr
+    assert "worker of slot" not in result.stderr
+    trials = load(study_dir).get_trials()
+    assert [t.user_attrs["stop_reason"] for t in trials] == ["timed out after 2 s"] * 4
+
+
 def test_a_crashed_interpreter_fails_its_trial_and_it_is_retried(study_dir: StudyDir) -> None:
     path = study_dir.write(
         study(

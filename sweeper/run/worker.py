@@ -36,6 +36,7 @@ class TrialProcess:
     channel: int
     started: float
     number: int | None = None
+    timed_out: bool = False
 
 
 UNCLAIMED_LIMIT = 3
@@ -115,6 +116,9 @@ class Worker:
         status = self._watch(child)
         os.close(child.channel)
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        if child.timed_out:  # failed as timed out: a trial's outcome, not a broken claim
+            self.unclaimed = 0
+            return True
         if code == EXIT_NO_TRIAL:
             return False
         if code == EXIT_SAMPLER:  # the trial is failed; the sweep cannot go on
@@ -125,6 +129,12 @@ class Worker:
             # recovers its trial; claims that keep failing stop this worker.
             self.unclaimed += 1
             if self.unclaimed >= UNCLAIMED_LIMIT:
+                print(
+                    f"{UNCLAIMED_LIMIT} trial processes in a row ended before their claim was "
+                    f"done (the last: {_status_text(status)}); this worker stops",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self.code = 1
                 return False
             return True
@@ -203,9 +213,8 @@ class Worker:
         if self.stopping:
             reason = f"{INTERRUPTED}: the sweep was stopped"
         elif os.WIFSIGNALED(status):
-            sig = signal.Signals(os.WTERMSIG(status))
-            reason = f"killed by signal {sig.value} ({sig.name})"
-            if sig == signal.SIGKILL:
+            reason = _status_text(status)
+            if os.WTERMSIG(status) == signal.SIGKILL:
                 reason += "; out of memory is the usual cause"
         else:
             reason = f"the trial process exited with code {os.WEXITSTATUS(status)}"
@@ -221,15 +230,23 @@ class Worker:
         """
         from sweeper.store import fail_trial
 
-        if child.number is not None:
+        if child.number is not None:  # else it was still claiming: the next claim recovers it
             fail_trial(
                 self.study, self.config, child.number, f"timed out after {limit:g} s", retries=0
             )
-        child.number = None  # recorded; nothing more to do
+            child.timed_out = True
 
     def stop(self, *_: object) -> None:
         """Finish now: the running trial is killed, failed and enqueued again."""
         self.stopping = True
+
+
+def _status_text(status: int) -> str:
+    """A wait status in words: "exit code N" or "killed by signal N (NAME)"."""
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status))
+        return f"killed by signal {sig.value} ({sig.name})"
+    return f"exit code {os.WEXITSTATUS(status)}"
 
 
 def _die_with_parent(sig: signal.Signals) -> None:
