@@ -128,13 +128,7 @@ class Worker:
             # It died claiming (the storage failing, a kill): the next claim
             # recovers its trial; claims that keep failing stop this worker.
             self.unclaimed += 1
-            if self.unclaimed >= UNCLAIMED_LIMIT:
-                print(
-                    f"{UNCLAIMED_LIMIT} trial processes in a row ended before their claim was "
-                    f"done (the last: {_status_text(status)}); this worker stops",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            if self.unclaimed >= UNCLAIMED_LIMIT:  # the last one's own message says why
                 self.code = 1
                 return False
             return True
