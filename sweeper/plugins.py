@@ -217,7 +217,7 @@ def _plain_kinds(annotation: Any, default: Any) -> list[str] | None:
     """The plain kinds (:data:`PLAIN_KINDS`) an option takes, or None when it takes others."""
     if isinstance(annotation, str):
         parts = [part.strip() for part in annotation.split("|")]
-    elif isinstance(default, bool | int | float) and default is not None:
+    elif isinstance(default, bool | int | float):
         parts = [type(default).__name__]
     else:
         return None

@@ -207,8 +207,9 @@ class Worker:
         if self.stopping:
             reason = f"{INTERRUPTED}: the sweep was stopped"
         elif os.WIFSIGNALED(status):
-            reason = _status_text(status)
-            if os.WTERMSIG(status) == signal.SIGKILL:
+            sig = signal.Signals(os.WTERMSIG(status))
+            reason = f"killed by signal {sig.value} ({sig.name})"
+            if sig == signal.SIGKILL:
                 reason += "; out of memory is the usual cause"
         else:
             reason = f"the trial process exited with code {os.WEXITSTATUS(status)}"
@@ -233,14 +234,6 @@ class Worker:
     def stop(self, *_: object) -> None:
         """Finish now: the running trial is killed, failed and enqueued again."""
         self.stopping = True
-
-
-def _status_text(status: int) -> str:
-    """A wait status in words: "exit code N" or "killed by signal N (NAME)"."""
-    if os.WIFSIGNALED(status):
-        sig = signal.Signals(os.WTERMSIG(status))
-        return f"killed by signal {sig.value} ({sig.name})"
-    return f"exit code {os.WEXITSTATUS(status)}"
 
 
 def _die_with_parent(sig: signal.Signals) -> None:
