@@ -3,9 +3,9 @@
     python bench/chaos.py [--kills 60] [--storages sqlite postgres] [--seed 0] [--no-faults]
 
 Rounds of ``kill -9`` of a random process of a running ``sweeper start`` (the
-supervisor, a worker or a trial), restarting ``sweeper start`` whenever it is
-gone, on SQLite and on the PostgreSQL server on loopback
-(``SWEEPER_TEST_POSTGRES``, default postgresql://postgres@127.0.0.1:5432).
+supervisor, the warm parent that forks workers, a worker or a trial),
+restarting ``sweeper start`` whenever it is gone, on SQLite and on the
+PostgreSQL server on loopback (``SWEEPER_TEST_POSTGRES``, default postgresql://postgres@127.0.0.1:5432).
 Then one sweep for each injected fault: a trial that hangs (``trial_timeout``),
 one that crashes the interpreter (``os.abort()``), one that runs out of memory
 under a memory limit, every database connection terminated mid-sweep
@@ -102,7 +102,7 @@ def sweeper(path: Path, prefix: list[str] | None = None) -> subprocess.Popen[str
 
 
 def descendants(pid: int) -> dict[int, int]:
-    """Every process below ``pid`` with its depth (1: worker, 2: trial)."""
+    """Every process below ``pid`` with its depth (1: warm parent, 2: worker, 3: trial)."""
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -232,7 +232,7 @@ class Rounds:
 
 def kill_rounds(storage: str, url: str, folder: Path, kills: int, rng: random.Random) -> Row:
     """kill -9 of a random process of the sweep, again and again, restarting it when gone."""
-    row = Row(storage, "kill -9 (supervisor, worker or trial)")
+    row = Row(storage, "kill -9 (supervisor, warm parent, worker or trial)")
     rounds = Rounds(storage, url, folder, row)
     while row.faults < kills:
         if not rounds.poll():
@@ -241,11 +241,12 @@ def kill_rounds(storage: str, url: str, folder: Path, kills: int, rng: random.Ra
         time.sleep(rng.uniform(1.0, 6.0))
         assert rounds.sweep is not None
         family = descendants(rounds.sweep.pid)
-        role = rng.choice(["supervisor", "worker", "trial"])
+        role = rng.choice(["supervisor", "warm parent", "worker", "trial"])
         pool = {
             "supervisor": [rounds.sweep.pid],
-            "worker": [p for p, d in family.items() if d == 1],
-            "trial": [p for p, d in family.items() if d == 2],
+            "warm parent": [p for p, d in family.items() if d == 1],
+            "worker": [p for p, d in family.items() if d == 2],
+            "trial": [p for p, d in family.items() if d == 3],
         }[role] or [rounds.sweep.pid]
         fault_at = dt.datetime.now()
         try:

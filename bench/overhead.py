@@ -4,7 +4,10 @@ Overhead of a trial = the time its slot spent on anything but the task's own
 work (build, Trainer, fit): the idle gap since the slot's previous trial plus
 the trial's wall time beyond that work. sweeper pays for a forked process, its
 own database connection and the claim; plain ``study.optimize`` runs the same
-objective in one process, with no isolation.
+objective in one process, with no isolation. Start-up is the time from
+launching ``sweeper start`` to its first trial running (validation, the data
+audit, the study's creation, the workers' fork), beside the cost of one fresh
+``import lightning.pytorch``.
 
     python bench/overhead.py [--trials 30] [--epochs 2]
 """
@@ -12,6 +15,7 @@ objective in one process, with no isolation.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import itertools
 import statistics
 import subprocess
@@ -64,10 +68,12 @@ def overheads(trials: list[optuna.trial.FrozenTrial], work: dict[int, float]) ->
     return result
 
 
-def run_sweeper(folder: Path, trials: int, epochs: int) -> tuple[list[float], float]:
+def run_sweeper(folder: Path, trials: int, epochs: int) -> tuple[list[float], float, float]:
+    """Overheads, total wall time, and the start-up: launch to the first trial running."""
     (folder / "digits_task.py").write_text((ROOT / "studies" / "digits_task.py").read_text())
     study_file = folder / "overhead.toml"
     study_file.write_text(STUDY.format(trials=trials, epochs=epochs))
+    launched = dt.datetime.now()
     started = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "sweeper.cli", "start", str(study_file)],
@@ -76,11 +82,20 @@ def run_sweeper(folder: Path, trials: int, epochs: int) -> tuple[list[float], fl
     )
     total = time.perf_counter() - started
     study = optuna.load_study(study_name="overhead", storage=f"sqlite:///{folder}/overhead.db")
+    first = min(t.datetime_start for t in study.get_trials() if t.datetime_start is not None)
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    return overheads(done, {t.number: t.user_attrs["fit_seconds"] for t in done}), total
+    work = {t.number: t.user_attrs["fit_seconds"] for t in done}
+    return overheads(done, work), total, (first - launched).total_seconds()
 
 
-def run_plain(folder: Path, trials: int, epochs: int) -> tuple[list[float], float]:
+def import_seconds() -> float:
+    """Wall time of a fresh Python that imports Lightning, and nothing else."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import lightning.pytorch"], check=True)
+    return time.perf_counter() - started
+
+
+def run_plain(folder: Path, trials: int, epochs: int) -> tuple[list[float], float, float]:
     sys.path.insert(0, str(ROOT / "studies"))
 
     import lightning.pytorch as pl
@@ -126,7 +141,7 @@ def run_plain(folder: Path, trials: int, epochs: int) -> tuple[list[float], floa
     started = time.perf_counter()
     study.optimize(objective, n_trials=trials)
     total = time.perf_counter() - started
-    return overheads(study.get_trials(), work), total
+    return overheads(study.get_trials(), work), total, float("nan")
 
 
 def main() -> None:
@@ -146,22 +161,26 @@ def main() -> None:
             ("sweeper (fork per trial)", run_sweeper),
             ("optuna study.optimize (in-process)", run_plain),
         ):
-            values, total = runner(Path(tmp), args.trials, args.epochs)
+            values, total, startup = runner(Path(tmp), args.trials, args.epochs)
             values.sort()
-            rows.append(
-                (
-                    name,
-                    len(values) + 1,
-                    statistics.median(values),
-                    values[int(0.9 * (len(values) - 1))],
-                    total,
-                )
-            )
+            median, p90 = statistics.median(values), values[int(0.9 * (len(values) - 1))]
+            rows.append((name, len(values) + 1, median, p90, startup, total))
     print(f"per-trial overhead, {args.trials} digits-MLP trials of {args.epochs} epochs, 1 slot")
-    print(f"| {'runner':<36} | trials | median overhead s | p90 overhead s | total wall s |")
-    print(f"|{'-' * 38}|--------|-------------------|----------------|--------------|")
-    for name, count, median, p90, total in rows:
-        print(f"| {name:<36} | {count:>6} | {median:>17.3f} | {p90:>14.3f} | {total:>12.1f} |")
+    print(
+        f"| {'runner':<36} | trials | median overhead s | p90 overhead s | start-up s "
+        "| total wall s |"
+    )
+    print(f"|{'-' * 38}|--------|-------------------|----------------|------------|{'-' * 14}|")
+    for name, count, median, p90, startup, total in rows:
+        first = "-" if startup != startup else f"{startup:.1f}"
+        print(
+            f"| {name:<36} | {count:>6} | {median:>17.3f} | {p90:>14.3f} | {first:>10} "
+            f"| {total:>12.1f} |"
+        )
+    print(
+        "start-up: from launching `sweeper start` to its first trial running; a fresh "
+        f"`import lightning.pytorch` alone takes {import_seconds():.1f} s"
+    )
 
 
 if __name__ == "__main__":

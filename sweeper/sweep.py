@@ -16,6 +16,7 @@ from typing import Any
 from sweeper.config import StudyConfig
 from sweeper.errors import DeviceError, SweepFailed
 from sweeper.run.devices import Plan, Slot, count_cpus, count_gpus, plan
+from sweeper.tasks import Build
 
 PUBLISH_EVERY = 10.0
 """Seconds between refreshes of the charts the dashboard shows, while trials finish."""
@@ -38,16 +39,17 @@ class StopNow(Exception):
     """``sweeper stop --now`` was asked: end the running trials."""
 
 
-def validate(config: StudyConfig) -> Plan:
+def validate(config: StudyConfig) -> tuple[Build, Plan]:
     """Every check that needs no storage: task import, trainer options, plugins, devices.
 
-    Nothing is created or written; the slots the sweep would use are returned,
-    with warnings about what was asked for but not planned.
+    Nothing is created or written; the task (imported, its data prepared) and
+    the slots the sweep would use are returned, with warnings about what was
+    asked for but not planned.
     """
     from sweeper.plugins import check_plugins
     from sweeper.tasks import load_task
 
-    load_task(config)
+    build = load_task(config)
     from sweeper.run.trainer import check_trainer_options
 
     check_plugins(config)
@@ -65,15 +67,17 @@ def validate(config: StudyConfig) -> Plan:
     except DeviceError as exc:
         raise DeviceError(f"{config.path}: {exc}") from None
     planned.warnings[:] = [f"{config.path}: {warning}" for warning in planned.warnings]
-    return planned
+    return build, planned
 
 
 @dataclass(frozen=True)
 class Checked:
-    """A study that passed its data audit and validation: the findings and the slots."""
+    """A study that passed its data audit and validation: the findings, the slots, and
+    the task, imported, for the workers to inherit."""
 
     findings: Any
     slots: list[Slot]
+    build: Build
 
 
 def check(config: StudyConfig, emit: Callable[[str], None], ignore_audit: bool = False) -> Checked:
@@ -87,10 +91,10 @@ def check(config: StudyConfig, emit: Callable[[str], None], ignore_audit: bool =
     for line in findings.lines():
         emit(line)
     enforce(findings, config, ignore_audit)
-    planned = validate(config)
+    build, planned = validate(config)
     for warning in planned.warnings:
         emit(f"warning: {warning}")
-    return Checked(findings, planned.slots)
+    return Checked(findings, planned.slots, build)
 
 
 class Observer:
@@ -195,7 +199,6 @@ class AuditRecord(Observer):
 def start(
     config: StudyConfig,
     emit: Callable[[str], None],
-    n_trials: int | None = None,
     observers: Iterable[Observer] = (),
     earlier: Sequence[tuple[str, str]] = (),
     ignore_audit: bool = False,
@@ -210,13 +213,35 @@ def start(
     is written, unless ``ignore_audit``. A run that ends with fewer than
     ``n_trials`` finished raises :class:`SweepFailed`, saying what is missing.
     """
+    from functools import partial
+
+    from sweeper.run.warm import WarmParent
+    from sweeper.run.worker import serve
+
+    checked = checked or check(config, emit, ignore_audit)
+    # forked before the storage is opened: workers inherit the task, never a connection
+    parent = WarmParent.fork(partial(serve, config, checked.build))
+    try:
+        return _run(config, emit, checked, parent, observers, earlier)
+    finally:
+        parent.close()
+
+
+def _run(
+    config: StudyConfig,
+    emit: Callable[[str], None],
+    checked: Checked,
+    parent: Any,
+    observers: Iterable[Observer],
+    earlier: Sequence[tuple[str, str]],
+) -> Outcome:
+    """Create or resume the study, run its workers (forked by ``parent``), summarise."""
     from sweeper import store
     from sweeper.atomic import check_writable
     from sweeper.results.best import summary, write_best_toml
     from sweeper.results.report import write_report
     from sweeper.run.launcher import Sweep
 
-    checked = checked or check(config, emit, ignore_audit)
     slots = checked.slots
     check_writable(config.output_dir)  # before the study exists: nothing half-made
     study = store.create_or_resume(config)
@@ -238,14 +263,7 @@ def start(
         f"study {config.study.name!r} in {store.mask_url(config.storage_url)}: {len(slots)} "
         f"slot(s) on {devices}, {config.study.n_trials} trials"
     )
-    sweep = Sweep(
-        config.path,
-        slots,
-        config.output_dir / "logs",
-        n_trials=n_trials,
-        night=config.night,
-        since=since,
-    )
+    sweep = Sweep(parent, slots, config.output_dir / "logs", since=since)
 
     def tick() -> str | None:
         snapshot = store.snapshot(study, config.study.n_trials, since)

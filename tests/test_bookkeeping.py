@@ -18,7 +18,14 @@ from optuna.trial import TrialState
 
 from sweeper.atomic import write_text
 from tests.conftest import StudyDir, run_sweeper, study, sweeper_cmd
-from tests.test_sweep import finished, load, running_with_pid, start_slow_sweep, wait_for
+from tests.test_sweep import (
+    finished,
+    load,
+    parent_of,
+    running_with_pid,
+    start_slow_sweep,
+    wait_for,
+)
 
 
 def test_a_study_is_not_poisoned_by_the_failures_of_an_earlier_run(study_dir: StudyDir) -> None:
@@ -294,12 +301,9 @@ def test_a_task_that_exits_at_import_is_an_error_not_a_success(study_dir: StudyD
 def test_a_worker_killed_mid_sweep_is_started_again_and_its_trial_retried(
     study_dir: StudyDir,
 ) -> None:
-    from tests.test_sweep import descendants
-
     sweep = start_slow_sweep(study_dir)
     victim = wait_for(lambda: running_with_pid(study_dir), what="a running trial")[0]
-    worker = next(p for p in descendants(sweep.pid) if victim.user_attrs["pid"] in descendants(p))
-    os.kill(worker, signal.SIGKILL)
+    os.kill(parent_of(victim.user_attrs["pid"]), signal.SIGKILL)  # the trial's worker
     out, err = sweep.communicate(timeout=300)
     assert sweep.returncode == 0, out + err
     trials = load(study_dir).get_trials()
@@ -310,6 +314,27 @@ def test_a_worker_killed_mid_sweep_is_started_again_and_its_trial_retried(
     assert [t.params for t in trials if t.system_attrs.get("failed_trial") == victim.number] == [
         victim.params
     ]
+
+
+def test_the_workers_parent_killed_mid_sweep_ends_the_run_with_nothing_left_running(
+    study_dir: StudyDir,
+) -> None:
+    sweep = start_slow_sweep(study_dir)
+    victim = wait_for(lambda: running_with_pid(study_dir), what="a running trial")[0]
+    warm = parent_of(parent_of(victim.user_attrs["pid"]))  # trial < worker < warm parent
+    assert parent_of(warm) == sweep.pid
+    os.kill(warm, signal.SIGKILL)
+    out, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 1, out + err
+    assert f"the workers' parent process (pid {warm}) was killed by signal 9" in err
+    assert "`sweeper start` again resumes the study" in err
+    trials = load(study_dir).get_trials()
+    assert [t.number for t in trials if t.state == TrialState.RUNNING] == []
+    assert trials[victim.number].state == TrialState.FAIL
+    assert trials[victim.number].user_attrs["stop_reason"].startswith("interrupted")
+    again = run_sweeper("start", str(study_dir.root / "study.toml"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert finished(load(study_dir).get_trials()) == 4
 
 
 def test_a_trial_out_of_memory_fails_alone_and_the_sweep_goes_on(study_dir: StudyDir) -> None:

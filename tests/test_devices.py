@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from sweeper.errors import DeviceError
 from sweeper.run.devices import Slot, count_cpus, plan, plan_slots
-from sweeper.run.launcher import worker_command
+from sweeper.run.launcher import worker_args, worker_environment
 from tests.conftest import StudyDir, run_sweeper, study
 
 
@@ -48,36 +46,23 @@ def test_bad_gpu_lists(devices: list[int], count: int, message: str) -> None:
 
 
 def test_gpu_worker_sees_only_its_gpu_with_its_share_of_threads() -> None:
-    cmd, env = worker_command(Path("s.toml"), Slot(3, 1, 4), 10, {"PATH": "/bin"})
+    env = worker_environment(Slot(3, 1, 4), {"PATH": "/bin"})
     assert env["CUDA_VISIBLE_DEVICES"] == "1"
     assert env["OMP_NUM_THREADS"] == "4"
     assert env["TOKENIZERS_PARALLELISM"] == "false"
-    assert cmd[1:] == [
-        "-m",
-        "sweeper.run.worker",
-        "s.toml",
-        "--slot",
-        "3",
-        "--threads",
-        "4",
-        "--gpu",
-        "0",
-        "--n-trials",
-        "10",
-    ]
+    assert env["PATH"] == "/bin"
+    assert worker_args(Slot(3, 1, 4), since=7) == {"slot": [3, 0, 4], "since": 7}
 
 
 def test_gpu_index_maps_through_the_callers_visible_devices() -> None:
-    _, env = worker_command(Path("s.toml"), Slot(0, 1, 1), None, {"CUDA_VISIBLE_DEVICES": "5,7"})
+    env = worker_environment(Slot(0, 1, 1), {"CUDA_VISIBLE_DEVICES": "5,7"})
     assert env["CUDA_VISIBLE_DEVICES"] == "7"
 
 
 def test_cpu_worker_sees_no_gpu() -> None:
-    cmd, env = worker_command(
-        Path("s.toml"), Slot(0, None, 2), None, {"CUDA_VISIBLE_DEVICES": "0"}
-    )
+    env = worker_environment(Slot(0, None, 2), {"CUDA_VISIBLE_DEVICES": "0"})
     assert env["CUDA_VISIBLE_DEVICES"] == ""
-    assert "--gpu" not in cmd and "--n-trials" not in cmd
+    assert worker_args(Slot(0, None, 2), since=None) == {"slot": [0, None, 2], "since": None}
 
 
 def test_cpu_workers_are_capped_at_the_cores_with_a_warning() -> None:

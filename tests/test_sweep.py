@@ -38,6 +38,11 @@ def finished(trials: list) -> int:
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
 
 
+def parent_of(pid: int) -> int:
+    """The parent process of ``pid``, read from /proc."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid``, read from /proc."""
     parents: dict[int, list[int]] = {}

@@ -50,13 +50,12 @@ def start(
     if out.is_terminal:
         from rich.live import Live
 
-        with Live(console=out, refresh_per_second=2, transient=True) as view:
-            observers = [LiveView(config, view.update)]
-            outcome = run(
-                config, say, n_trials=n_trials, observers=observers, ignore_audit=ignore_audit
-            )
+        # redrawn at each tick, with no thread of its own: workers are forked from here
+        with Live(console=out, auto_refresh=False, transient=True) as view:
+            observers = [LiveView(config, lambda table: view.update(table, refresh=True))]
+            outcome = run(config, say, observers=observers, ignore_audit=ignore_audit)
     else:
-        outcome = run(config, say, n_trials=n_trials, ignore_audit=ignore_audit)
+        outcome = run(config, say, ignore_audit=ignore_audit)
     print_best(outcome.summary)
     if outcome.best_file is not None:
         say(f"best configuration written to {outcome.best_file}")
@@ -79,7 +78,7 @@ def check(study_file: StudyFile, as_json: AsJson = False, debug: Debug = False) 
     elif findings.errors:
         print_json(data)
     enforce(findings, config, ignore_audit=False)
-    planned = validate(config)
+    _, planned = validate(config)
     for warning in planned.warnings:
         warn(f"warning: {warning}")
     slots = planned.slots

@@ -1,23 +1,23 @@
-"""Builds and starts worker processes, watches them, forwards signals.
+"""Starts a worker per slot, watches them, starts again one a signal killed, stops them.
 
-``worker_command`` is pure; ``Sweep`` is the thin layer that touches processes.
+``worker_environment`` and ``worker_args`` are pure; ``Sweep`` is the thin
+layer that touches processes (forked by the warm parent).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 from sweeper.errors import SweeperError, SweepFailed
 from sweeper.run.devices import Slot
+from sweeper.run.warm import WarmParent, WorkerProcess
 from sweeper.run.worker import EXIT_BAD_INPUT
 
 STOP_GRACE = 30.0
@@ -27,38 +27,13 @@ RESPAWNS = 5
 """Times one slot's worker is started again after a signal killed it (OOM killer, kill -9)."""
 
 
-def worker_command(
-    study_file: Path,
-    slot: Slot,
-    n_trials: int | None,
-    environ: Mapping[str, str],
-    night: dt.date | None = None,
-    since: int | None = None,
-) -> tuple[list[str], dict[str, str]]:
-    """The command and environment of the worker for ``slot``.
+def worker_environment(slot: Slot, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the worker for ``slot``.
 
     A GPU slot sees only its GPU (CUDA_VISIBLE_DEVICES, mapped through any
     CUDA_VISIBLE_DEVICES the sweep itself was given); a CPU slot sees none.
     Thread counts are capped at the slot's share of the cores.
     """
-    cmd = [
-        sys.executable,
-        "-m",
-        "sweeper.run.worker",
-        str(study_file),
-        "--slot",
-        str(slot.index),
-        "--threads",
-        str(slot.threads),
-    ]
-    if slot.gpu is not None:
-        cmd += ["--gpu", "0"]
-    if n_trials is not None:
-        cmd += ["--n-trials", str(n_trials)]
-    if night is not None:
-        cmd += ["--night", night.isoformat()]
-    if since is not None:
-        cmd += ["--since", str(since)]
     env = dict(environ)
     if slot.gpu is None:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -71,20 +46,25 @@ def worker_command(
         env[name] = str(slot.threads)
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["PYTHONUNBUFFERED"] = "1"
-    return cmd, env
+    return env
+
+
+def worker_args(slot: Slot, since: int | None) -> dict[str, Any]:
+    """What :func:`sweeper.run.worker.serve` is given: the slot (the worker sees its GPU as
+    0) and the first trial number of this run."""
+    gpu = None if slot.gpu is None else 0
+    return {"slot": [slot.index, gpu, slot.threads], "since": since}
 
 
 @dataclass
 class Sweep:
     """The running workers of one ``sweeper start``."""
 
-    study_file: Path
+    parent: WarmParent
     slots: list[Slot]
     log_dir: Path
-    n_trials: int | None = None
-    night: dt.date | None = None
     since: int | None = None
-    processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    processes: dict[int, WorkerProcess] = field(default_factory=dict)
     respawned: dict[int, int] = field(default_factory=dict)
     stopping: bool = False
 
@@ -95,19 +75,9 @@ class Sweep:
             self._spawn(slot)
 
     def _spawn(self, slot: Slot) -> None:
-        cmd, env = worker_command(
-            self.study_file, slot, self.n_trials, os.environ, self.night, self.since
-        )
-        log: IO[bytes] = open(self.log_path(slot), "ab")  # noqa: SIM115 - child owns it
-        self.processes[slot.index] = subprocess.Popen(
-            cmd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
+        env = worker_environment(slot, os.environ)
+        args = worker_args(slot, self.since)
+        self.processes[slot.index] = self.parent.spawn(args, env, self.log_path(slot))
 
     def log_path(self, slot: Slot) -> Path:
         return self.log_dir / f"slot-{slot.index}.log"

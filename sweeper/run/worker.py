@@ -1,16 +1,14 @@
-"""The loop of one device slot: fork a trial from a warm parent, watch it, record its end.
+"""The loop of one device slot: fork a trial, watch it, record its end.
 
-The worker imports torch, Lightning and the task once, and runs no torch
-operation itself: a forked child of a parent that did would hang in OpenMP.
-Every trial runs in a child forked from it, so the trial starts in
+The worker is forked from the warm parent (:mod:`sweeper.run.warm`) with
+torch, Lightning and the task imported and the task's data prepared, and runs
+no torch operation itself: a forked child of a parent that did would hang in
+OpenMP. Every trial runs in a child forked from it, so the trial starts in
 milliseconds and all it allocates dies with it.
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import datetime as dt
 import os
 import select
 import signal
@@ -18,12 +16,14 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
-from sweeper.config import StudyConfig, load_config
+from sweeper.config import StudyConfig
 from sweeper.errors import SweeperError
 from sweeper.run.devices import Slot
+from sweeper.run.warm import die_with_parent
 from sweeper.store import HEARTBEAT_INTERVAL
+from sweeper.tasks import Build
 
 EXIT_BAD_INPUT = 2
 
@@ -49,18 +49,16 @@ OTHER_HOSTS_POLL = 5.0
 class Worker:
     """Runs trials of one study on one slot until none is left to claim."""
 
-    def __init__(self, config: StudyConfig, slot: Slot, since: int | None = None) -> None:
+    def __init__(
+        self, config: StudyConfig, slot: Slot, build: Build, since: int | None = None
+    ) -> None:
         from sweeper import store
-        from sweeper.tasks import load_task
 
         self.config = config
         self.slot = slot
         self.since = since
-        self.build = load_task(config)
-        import sweeper.run.trial  # noqa: F401 - warm: torch and Lightning imported once
-        from sweeper.run.tracking import check_tracking
-
-        check_tracking(config)  # warm: the tracker's package too, not once per trial
+        self.build = build
+        import sweeper.run.trial  # noqa: F401 - warm: imported once, not once per trial
 
         _quiet()  # after the imports: Lightning sets its loggers' levels on import
         self.study = store.load(config)
@@ -161,7 +159,7 @@ class Worker:
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _die_with_parent(signal.SIGKILL)
+        die_with_parent(signal.SIGKILL)
         from sweeper.store import forget_connections
 
         forget_connections(self.study)
@@ -236,15 +234,6 @@ class Worker:
         self.stopping = True
 
 
-def _die_with_parent(sig: signal.Signals) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, int(sig))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the parent's checks still apply
-        pass
-
-
 def _quiet() -> None:
     """Silence Lightning's console output; the study records what matters."""
     from sweeper.run.trainer import quiet_lightning
@@ -254,31 +243,21 @@ def _quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m sweeper.run.worker STUDY.toml --slot I [--gpu G] [--threads T] [--n-trials N]
-    [--night YYYY-MM-DD] [--since FIRST_TRIAL_OF_THIS_RUN]``."""
-    parser = argparse.ArgumentParser(prog="sweeper-worker")
-    parser.add_argument("study_file", type=Path)
-    parser.add_argument("--slot", type=int, required=True)
-    parser.add_argument("--gpu", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--n-trials", type=int, default=None)
-    parser.add_argument("--night", type=dt.date.fromisoformat, default=None)
-    parser.add_argument("--since", type=int, default=None)
-    args = parser.parse_args(argv)
-    _die_with_parent(signal.SIGTERM)
-    slot = Slot(index=args.slot, gpu=args.gpu, threads=args.threads)
+def serve(config: StudyConfig, build: Build, args: dict[str, Any]) -> int:
+    """A worker forked by the warm parent: run trials on ``args["slot"]`` until none is left.
+
+    ``args["since"]`` is the first trial number of this run. Returns the exit code.
+    """
+    import optuna
+
+    index, gpu, threads = args["slot"]
     try:
-        config = load_config(args.study_file, n_trials=args.n_trials)
-        config = config if args.night is None else config.for_night(args.night)
-        worker = Worker(config, slot, args.since)
+        worker = Worker(config, Slot(index, gpu, threads), build, args.get("since"))
     except SweeperError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
-    import optuna
-
     try:
         return worker.run()
     except optuna.exceptions.StorageInternalError as exc:
@@ -286,7 +265,3 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"error: {storage_failure(exc)}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
