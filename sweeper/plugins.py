@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from sweeper.config import StudyConfig, shown
 from sweeper.errors import ConfigError
-from sweeper.space import grid_space, parse_space
+from sweeper.space import SearchSpace, ask, grid_space, parse_space
 from sweeper.store import is_diverged
 from sweeper.store._compat import gp_sampler_seeing
 
@@ -91,9 +91,11 @@ def _factory(config: StudyConfig, section: str) -> tuple[Any, tuple[Any, ...], d
             {},
         )
     samplers = optuna.samplers
-    seed = {"seed": config.study.seed}
+    seed: dict[str, Any] = {"seed": config.study.seed}
     if config.sampler.name == "grid":
         return samplers.GridSampler, (grid_space(config.search, config.path),), seed
+    if config.sampler.name == "tpe" and parse_space(config.search, config.path).conditions:
+        seed |= conditional_tpe(config.sampler.options)
     return (
         {
             "tpe": samplers.TPESampler,
@@ -105,6 +107,20 @@ def _factory(config: StudyConfig, section: str) -> tuple[Any, tuple[Any, ...], d
         (),
         seed,
     )
+
+
+def conditional_tpe(options: dict[str, Any]) -> dict[str, Any]:
+    """TPE's defaults for a space with conditions: ``multivariate`` and ``group``.
+
+    Grouped multivariate TPE models the parameters that occur together jointly,
+    and each conditional group apart, instead of each parameter alone. What the
+    study file sets wins; ``group`` is left alone when ``multivariate`` is off,
+    as TPE refuses it then.
+    """
+    defaults: dict[str, Any] = {"multivariate": True}
+    if options.get("multivariate", True) is True:
+        defaults["group"] = True
+    return defaults
 
 
 def _build(
@@ -159,16 +175,16 @@ def check_plugins(config: StudyConfig) -> None:
     report intermediate values, are judged by the pruner and told. A failure
     names the option to blame when one alone fails, else the section.
     """
-    distributions = parse_space(config.search, config.path).distributions
+    space = parse_space(config.search, config.path)
     options = {"sampler": config.sampler.options, "pruner": config.pruner.options}
     for section in ("sampler", "pruner"):
         factory = _factory(config, section)[0]
         _check_known(config, section, factory, options[section])
         _check_types(config, section, factory, options[section])
     try:
-        _exercise(config, distributions, options)
+        _exercise(config, space, options)
     except Exception as exc:  # Optuna raises many kinds on a bad option
-        raise ConfigError(_blame(config, distributions, options, exc)) from exc
+        raise ConfigError(_blame(config, space, options, exc)) from exc
 
 
 PLAIN_KINDS: dict[str, tuple[type, ...]] = {
@@ -226,7 +242,7 @@ def _plain_kinds(annotation: Any, default: Any) -> list[str] | None:
 
 def _exercise(
     config: StudyConfig,
-    distributions: dict[str, BaseDistribution],
+    space: SearchSpace,
     options: dict[str, dict[str, Any]],
     only: str | None = None,
 ) -> None:
@@ -266,14 +282,14 @@ def _exercise(
                 pruner=optuna.pruners.NopPruner(),
             )
             for number in range(seeded):
-                _run(seeds, distributions, steps, number)
+                _run(seeds, space, steps, number)
             study = optuna.create_study(
                 direction=direction, sampler=built["sampler"], pruner=built["pruner"]
             )
             study.add_trials(seeds.trials)
             for number in range(seeded, seeded + ASKED):
                 try:
-                    _run(study, distributions, steps, number)
+                    _run(study, space, steps, number)
                 except RuntimeError as exc:
                     if "Study.stop" not in str(exc):
                         raise
@@ -290,11 +306,9 @@ def _defaults(factory: Any) -> dict[str, Any]:
     }
 
 
-def _run(
-    study: optuna.Study, distributions: dict[str, BaseDistribution], steps: list[int], number: int
-) -> None:
+def _run(study: optuna.Study, space: SearchSpace, steps: list[int], number: int) -> None:
     """One made-up trial: ask, report at ``steps`` while the pruner lets it, tell."""
-    trial = study.ask(distributions)
+    trial = ask(study, space)
     value = 0.0
     for step in steps:
         value = 0.5 + 0.4 * math.sin(1.7 * number + 0.3 * step)
@@ -311,7 +325,7 @@ def _whole(value: Any) -> bool:
 
 def _blame(
     config: StudyConfig,
-    distributions: dict[str, BaseDistribution],
+    space: SearchSpace,
     options: dict[str, dict[str, Any]],
     exc: Exception,
 ) -> str:
@@ -319,7 +333,7 @@ def _blame(
 
     def failure(given: dict[str, Any], section: str) -> Exception | None:
         try:
-            _exercise(config, distributions, {section: given}, only=section)
+            _exercise(config, space, {section: given}, only=section)
         except Exception as error:  # the same many kinds
             return error
         return None
