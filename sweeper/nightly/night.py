@@ -174,16 +174,25 @@ def fit_to_space(
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """A configuration fitted to today's search space, and what had to change.
 
-    A parameter no longer searched is dropped; a number outside its range is
-    clipped (and put on the step); a new parameter is left to the sampler. A
-    choice that no longer exists makes the configuration unusable (None).
+    A parameter no longer searched is dropped, and so is one whose condition
+    (``when``) does not hold for the configuration tonight; a number outside its
+    range is clipped (and put on the step); a new parameter, or one the
+    configuration lacks but tonight's conditions ask for, is left to the sampler
+    (the trial is still enqueued and the sampler fills it). A choice that no
+    longer exists makes the configuration unusable (None).
     """
     fitted: dict[str, Any] = {}
     notes = []
+    kept: dict[str, Any] = {}  # parents first, so a dropped parent drops its children
+    for name in space.order():
+        if name in params and space.holds(name, kept) is not False:
+            kept[name] = params[name]
     for name, value in params.items():
         distribution = space.distributions.get(name)
         if distribution is None:
             notes.append(f"{name} is no longer searched: dropped")
+        elif name not in kept:
+            notes.append(f"{name} is searched only when {space.describe(name)}: dropped")
         elif isinstance(distribution, CategoricalDistribution):
             if value not in distribution.choices:
                 return None, [f"{name} = {value!r} is no longer a choice: skipped"]
@@ -192,9 +201,13 @@ def fit_to_space(
             fitted[name] = _clip(value, distribution)
             if fitted[name] != value:
                 notes.append(f"{name} = {value:.6g} clipped to {fitted[name]:.6g}")
-    new = sorted(set(space.distributions) - set(params))
+    missing = [n for n in space.order() if n not in params and space.holds(n, fitted) is not False]
+    new = sorted(n for n in missing if n not in space.conditions)
     if new:
         notes.append(f"{', '.join(new)} not searched last night: left to the sampler")
+    wanted = [n for n in missing if n in space.conditions]
+    if wanted:
+        notes.append(f"{', '.join(wanted)} not in this configuration: left to the sampler")
     return fitted, notes
 
 
