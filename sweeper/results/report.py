@@ -18,6 +18,7 @@ from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
 from sweeper.results.best import best_trial, record_at_best
 from sweeper.run.overfitting import describe as describe_overfit
+from sweeper.space import parse_space
 from sweeper.store import has_ended, outcome, read_trials
 
 OUTCOME_COLOURS = {
@@ -210,9 +211,22 @@ def _figures(
                     vis.plot_param_importances(sample, evaluator=evaluator),
                 )
             )
-        figures.append((f"Parallel coordinates{note}", vis.plot_parallel_coordinate(sample)))
+        shared, apart = _shared_params(sample.trials)
+        if apart:
+            # A line through the axis of a parameter a trial lacks would read as a value.
+            note += f" ({', '.join(apart)}: conditional, charted below)"
+        figures.append(
+            (
+                f"Parallel coordinates{note}",
+                vis.plot_parallel_coordinate(sample, params=shared if apart else None),
+            )
+        )
+    space = parse_space(config.search, config.path)
     for name in _params_by_interest(finished):
-        figures.append((f"{name} against outcome", _param_outcome(config, finished, name, go)))
+        when = f" (trials where {space.describe(name)})" if name in space.conditions else ""
+        figures.append(
+            (f"{name} against outcome{when}", _param_outcome(config, finished, name, go))
+        )
     top = sorted(
         complete, key=lambda t: t.value or 0.0, reverse=config.study.direction == "maximize"
     )[:TOP_K]
@@ -243,6 +257,13 @@ def _sample(study: optuna.Study, complete: Sequence[FrozenTrial]) -> tuple[optun
     )
     note = f" (every {stride}th of {len(complete):,} complete trials)" if stride > 1 else ""
     return copy, note
+
+
+def _shared_params(trials: Sequence[FrozenTrial]) -> tuple[list[str], list[str]]:
+    """The parameters every trial has, and those only some have (a conditional space)."""
+    every = set.intersection(*(set(t.params) for t in trials)) if trials else set()
+    some = {name for t in trials for name in t.params}
+    return sorted(every), sorted(some - every)
 
 
 def learning_curves(config: StudyConfig, trials: Sequence[FrozenTrial]) -> Any:
