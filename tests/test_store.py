@@ -68,6 +68,7 @@ def test_a_claim_writes_its_owner_and_a_first_heartbeat(study_dir: StudyDir) -> 
     assert stored.user_attrs["host"] == socket.gethostname()
     assert stored.user_attrs["pid"] == os.getpid()
     assert stored.user_attrs["pid_start"] == Owner.me().start is not None
+    assert trial.user_attrs["pid"] == os.getpid(), "the claimed trial object sees its owner"
     with sqlite3.connect(study_dir.db) as db:
         beats = db.execute("SELECT COUNT(*) FROM trial_heartbeats").fetchone()[0]
     assert beats == 1
@@ -80,6 +81,7 @@ def test_failed_trial_is_retried_once_with_its_params(study_dir: StudyDir) -> No
     assert fail_trial(created, config, trial.number, "killed by signal 9 (SIGKILL)", retries=1)
     retry = take(created, config)
     assert retry.params == trial.params
+    assert created.trials[retry.number].user_attrs["pid"] == os.getpid(), "a retry has an owner"
     assert created.trials[trial.number].user_attrs["stop_reason"] == "killed by signal 9 (SIGKILL)"
     fail_trial(created, config, retry.number, "killed again", retries=1)
     fresh = take(created, config)

@@ -2,16 +2,18 @@
 
 Optuna's public API has no way to name a trial's storage id, reach the
 storage under a study's cache, read trials as plain rows (also in place of
-its storage's own trial reads, which its cache goes through), list the trials
-whose heartbeat went silent, or show its GP sampler more trials than the
-complete ones. Those few accesses live here, and
-this module checks at import that they still exist, so an Optuna release that
-moves them fails with one clear message instead of deep inside a sweep.
+its storage's own trial reads, which its cache goes through), write several
+attributes of a trial in one transaction, list the trials whose heartbeat
+went silent, or show its GP sampler more trials than the complete ones.
+Those few accesses live here, and this module checks at import that they
+still exist, so an Optuna release that moves them fails with one clear
+message instead of deep inside a sweep.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections.abc import Callable, Container
 from typing import Any
@@ -20,6 +22,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.errors import SweeperError
@@ -37,6 +40,7 @@ __all__ = [
     "storage_of",
     "study_id",
     "trial_id",
+    "write_user_attrs",
 ]
 
 
@@ -75,6 +79,40 @@ def stale_trial_ids(study: optuna.Study) -> list[int]:
     return [int(found) for found in storage._get_stale_trial_ids(study_id(study))]
 
 
+def write_user_attrs(
+    study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any], first_beat: bool = False
+) -> None:
+    """Write several user attributes of a RUNNING trial (and, with ``first_beat``, its first
+    heartbeat) in one transaction; UpdateFinishedTrialError if it has ended.
+
+    Optuna writes each attribute in a transaction of its own (find the trial,
+    check it, find the attribute, write, commit): a claim writes eight under
+    the study's claim lock, and an outcome a dozen, each taking SQLite's
+    write lock once.
+    """
+    storage = backend(study)
+    found = trial_id(trial)
+    with _create_scoped_session(storage.scoped_session) as session:
+        stored = models.TrialModel.find_or_raise_by_id(found, session)
+        storage.check_trial_is_updatable(found, stored.state)
+        rows: dict[Any, Any] = {
+            row.key: row
+            for row in session.query(models.TrialUserAttributeModel).filter(
+                models.TrialUserAttributeModel.trial_id == found
+            )
+        }
+        for key, value in attrs.items():
+            text = json.dumps(value)
+            if key in rows:
+                rows[key].value_json = text
+            else:
+                row = models.TrialUserAttributeModel(trial_id=found, key=key, value_json=text)
+                session.add(row)
+        if first_beat and models.TrialHeartbeatModel.where_trial_id(found, session) is None:
+            session.add(models.TrialHeartbeatModel(trial_id=found))
+    trial._cached_frozen_trial.user_attrs.update(attrs)
+
+
 TrialReader = Callable[
     [RDBStorage, int, Container[TrialState] | None, set[int], int], list[FrozenTrial]
 ]
@@ -82,10 +120,16 @@ TrialReader = Callable[
 although not newer, only trials with a greater id unless -1)."""
 
 
-def rdb_storage_reading(read: TrialReader) -> type[RDBStorage]:
-    """An RDBStorage subclass whose every trial read (its cache's too) goes through ``read``."""
+def rdb_storage_reading(
+    read: TrialReader, read_one: Callable[[RDBStorage, int], FrozenTrial]
+) -> type[RDBStorage]:
+    """An RDBStorage subclass whose every trial read (its cache's too) goes through ``read``,
+    and whose read of one trial by its id goes through ``read_one``."""
 
     class Storage(RDBStorage):
+        def get_trial(self, trial_id: int) -> FrozenTrial:
+            return read_one(self, trial_id)
+
         def _get_trials(
             self,
             study_id: int,
@@ -161,6 +205,12 @@ def _check() -> None:
         "trial_id_greater_than",
     ]:
         problems.append("RDBStorage._get_trials changed")
+    for model, name in (
+        (models.TrialHeartbeatModel, "where_trial_id"),
+        (models.TrialModel, "find_or_raise_by_id"),
+    ):
+        if not callable(getattr(model, name, None)):
+            problems.append(f"{model.__name__}.{name} is gone")
     if not callable(getattr(optuna.storages.RDBStorage, "_get_stale_trial_ids", None)):
         problems.append("RDBStorage._get_stale_trial_ids is gone")
     for model, name in (
@@ -177,7 +227,12 @@ def _check() -> None:
         trial = study.ask()
     finally:
         logger.setLevel(level)
-    for owner, name in ((trial, "_trial_id"), (study, "_study_id"), (study, "_storage")):
+    for owner, name in (
+        (trial, "_trial_id"),
+        (trial, "_cached_frozen_trial"),
+        (study, "_study_id"),
+        (study, "_storage"),
+    ):
         if not hasattr(owner, name):
             problems.append(f"{type(owner).__name__}.{name} is gone")
     if problems:

@@ -26,8 +26,8 @@ from filelock import FileLock, Timeout
 
 from sweeper.config import StudyConfig
 from sweeper.errors import StorageError, SweeperError
-from sweeper.space import parse_space
-from sweeper.store._compat import backend, trial_id
+from sweeper.space import ask, parse_space
+from sweeper.store._compat import write_user_attrs
 from sweeper.store.open import check_sqlite_path, first_line, is_server, mask_url, sqlite_path
 
 LOCK_WAIT = float(os.environ.get("SWEEPER_LOCK_WAIT", "600"))
@@ -258,7 +258,7 @@ def claim(
         with warnings.catch_warnings():
             # Heartbeats are recorded by the worker, which Optuna cannot see from here.
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            trial = study.ask(space.distributions)
+            trial = ask(study, space)  # parents first where the space has conditions
     except Exception as exc:
         reason = f"error: the sampler failed: {type(exc).__name__}: {exc}"
         fail_orphans(study, owner.host, ownerless_reason=reason)
@@ -266,7 +266,5 @@ def claim(
             f"{config.path}: sampler: asking {config.sampler.name} for a trial failed: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    for key, value in {**owner.record(), **attrs}.items():
-        trial.set_user_attr(key, value)
-    backend(study).record_heartbeat(trial_id(trial))
+    write_user_attrs(study, trial, {**owner.record(), **attrs}, first_beat=True)
     return trial

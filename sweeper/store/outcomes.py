@@ -14,7 +14,14 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.config import StudyConfig
-from sweeper.store._compat import backend, stale_trial_ids, storage_of, study_id, trial_id
+from sweeper.store._compat import (
+    backend,
+    stale_trial_ids,
+    storage_of,
+    study_id,
+    trial_id,
+    write_user_attrs,
+)
 from sweeper.store.claims import Owner, claim_lock
 from sweeper.store.open import GRACE_PERIOD, retrying
 from sweeper.store.queries import trials_per_state
@@ -86,8 +93,7 @@ def tell(
     heartbeat): then the outcome recorded first stands.
     """
     try:
-        for key, attr in attrs.items():
-            trial.set_user_attr(key, attr)
+        write_user_attrs(study, trial, attrs)
         if attrs.get("diverged"):
             # TPE ranks a pruned trial by how far it got: one that diverged late
             # would rank above one the median pruner stopped early, and one that

@@ -86,7 +86,26 @@ def _trials_where(
         return _read(connection, sa.and_(*where))
 
 
-FastRDBStorage = rdb_storage_reading(_trials_where)
+def _trial(storage: RDBStorage, trial_id: int) -> FrozenTrial:
+    """Optuna's read of one trial by its storage id, as plain rows.
+
+    Optuna also reads a trial inside its own write (to name a finished trial it
+    refuses to change): then the read joins that transaction, as a second one
+    would wait for its lock.
+    """
+    which = models.TrialModel.__table__.c.trial_id == trial_id
+    session = storage.scoped_session()
+    if session.in_transaction():
+        found = _read(session.connection(), which)
+    else:
+        with storage.engine.connect() as connection:
+            found = _read(connection, which)
+    if not found:
+        raise KeyError(f"No trial with trial-id {trial_id} exists.")
+    return found[0]
+
+
+FastRDBStorage = rdb_storage_reading(_trials_where, _trial)
 """Optuna's RDB storage, reading trials as plain rows (Optuna's cache reads through it)."""
 
 
