@@ -67,6 +67,16 @@ def centre(dist: BaseDistribution) -> Any:
     return math.sqrt(dist.low * dist.high) if dist.log else (dist.low + dist.high) / 2
 
 
+def centre_params(space: SearchSpace) -> dict[str, Any]:
+    """The fixed values and the centre of every range; a parameter whose condition fails
+    there (``when``) is absent, as in a trial."""
+    params = dict(space.fixed)
+    for key in space.order():  # parents first
+        if space.holds(key, params):
+            params[key] = centre(space.distributions[key])
+    return params
+
+
 def run_range_test(config: StudyConfig, steps: int = 100) -> RangeTest:
     """Train from the centre of the space while the learning rate grows from low/10 to high*10."""
     import lightning.pytorch as pl
@@ -79,7 +89,7 @@ def run_range_test(config: StudyConfig, steps: int = 100) -> RangeTest:
 
     space = parse_space(config.search, config.path)
     name, dist = lr_entry(config, space)
-    params = {**space.fixed, **{k: centre(d) for k, d in space.distributions.items()}}
+    params = centre_params(space)
     params[name] = dist.low
     pl.seed_everything(config.study.seed, verbose=False)
     module, datamodule = build_task(load_task(config), params)

@@ -90,3 +90,25 @@ def test_suggestion_stays_below_divergence() -> None:
 )
 def test_centre_of_each_kind_of_range(dist, expected) -> None:
     assert centre(dist) == pytest.approx(expected)
+
+
+def test_the_range_test_leaves_out_a_parameter_whose_condition_fails_at_the_centre() -> None:
+    from pathlib import Path
+
+    from sweeper.lrfind import centre_params
+    from sweeper.space import parse_space
+
+    space = parse_space(
+        {
+            "lr": {"low": 1e-4, "high": 1.0, "log": True},
+            "momentum": {"low": 0.0, "high": 0.9, "when": {"optimizer": "sgd"}},
+            "optimizer": {"choices": ["adam", "sgd"]},
+            "warmup": {"low": 0.0, "high": 0.2, "when": {"optimizer": "adam"}},
+            "batch_size": 32,
+        },
+        Path("study.toml"),
+    )
+    params = centre_params(space)
+    assert params["optimizer"] == "adam" and params["batch_size"] == 32
+    assert params["warmup"] == pytest.approx(0.1)
+    assert "momentum" not in params
