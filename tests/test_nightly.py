@@ -499,3 +499,19 @@ def test_a_storage_refused_once_the_night_holds_its_lock_leaves_no_lock(
     result = run_sweeper("nightly", str(path), "--night", "2026-11-20", timeout=120)
     one_line_error(result, "cannot create the claim lock")
     assert study_dir.created() == [], "no night folder, no lock file"
+
+
+def test_a_parameter_only_one_night_has_is_shown_absent_on_the_other() -> None:
+    from sweeper.nightly.night import describe
+
+    summary = {
+        "night": "2026-11-30",
+        "metric": "val_acc",
+        "best_value": 0.9,
+        "previous_night": "2026-11-29",
+        "previous_best_value": 0.8,
+        "delta": 0.1,
+        "status": "improved",
+        "changed_params": {"momentum": {"before": 0.9}, "warmup": {"after": None}},
+    }
+    assert describe(summary)[1:] == ["  momentum: 0.9 -> absent", "  warmup: absent -> None"]

@@ -310,10 +310,15 @@ def summarize(
     delta = best.value - before.value
     worse = -delta if maximize else delta
     summary["delta"] = delta
-    summary["changed_params"] = {
-        name: {"before": before.params.get(name), "after": best.params.get(name)}
+    summary["changed_params"] = {  # a side is left out where the best lacks the parameter
+        name: {
+            side: trial.params[name]
+            for side, trial in (("before", before), ("after", best))
+            if name in trial.params
+        }
         for name in sorted(set(before.params) | set(best.params))
-        if before.params.get(name) != best.params.get(name)
+        if (name in before.params, before.params.get(name))
+        != (name in best.params, best.params.get(name))
     }
     if worse > tonight.schedule.regression_tolerance:
         summary["status"] = "regression"
@@ -338,7 +343,8 @@ def describe(summary: dict[str, Any]) -> list[str]:
         )
     lines[0] += f": {summary['status']}"
     for name, change in summary["changed_params"].items():
-        lines.append(f"  {name}: {change['before']!r} -> {change['after']!r}")
+        was, now = (repr(change[s]) if s in change else "absent" for s in ("before", "after"))
+        lines.append(f"  {name}: {was} -> {now}")
     if summary["status"] == "regression":
         lines.append(
             f"regression: worse than night {summary['previous_night']} by more than "
