@@ -18,6 +18,7 @@ PRIVATE_OPTUNA = {
     "_get_trials",
     "_get_stale_trial_ids",
     "_sample_relative_impl",
+    "_cached_frozen_trial",
 }
 """The private Optuna attributes sweeper relies on (see sweeper/store/_compat.py)."""
 
@@ -63,3 +64,35 @@ def test_private_optuna_is_reached_only_through_the_compatibility_module() -> No
             if name in PRIVATE_OPTUNA and isinstance(node, ast.Attribute | ast.FunctionDef):
                 leaks.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {name}")
     assert leaks == []
+
+
+def test_the_read_commands_never_import_torch(tmp_path: Path) -> None:
+    """status, best, trials and history answer in well under a second: no torch, no
+    Lightning (a fresh Python, as a user runs them)."""
+    import subprocess
+    import sys
+
+    from sweeper.config import load_config
+    from sweeper.store import create_or_resume
+    from tests.conftest import study, toml_text
+
+    path = tmp_path / "study.toml"
+    path.write_text(toml_text(study()))
+    create_or_resume(load_config(path))
+    script = f"""
+import sys
+from typer.testing import CliRunner
+from sweeper.cli import app
+study = {str(path)!r}
+for command in (["status", study], ["best", study], ["trials", study], ["history", study]):
+    result = CliRunner().invoke(app, command)
+    assert result.exception is None or isinstance(result.exception, SystemExit), command
+assert CliRunner().invoke(app, ["--help"]).exit_code == 0
+heavy = sorted(m for m in ("torch", "lightning", "transformers", "plotly") if m in sys.modules)
+print(heavy)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
