@@ -142,6 +142,16 @@ class ValidationSection(_Section):
     folds: int = Field(default=1, ge=1, le=20)
 
 
+class ConfirmSection(_Section):
+    """Confirming the best: after the search, the top configurations run again with new seeds,
+    and the best is chosen by the mean over the seeds."""
+
+    top_k: int = Field(default=3, ge=1, le=1000)
+    """The best configurations (distinct params, by value) that are run again."""
+    seeds: int = Field(default=3, ge=1, le=1000)
+    """New seeds each of them runs with; each run is a trial of its own."""
+
+
 class AuditSection(_Section):
     """The data audit: see :mod:`sweeper.audit`."""
 
@@ -288,6 +298,7 @@ class StudyConfig(_Section):
     schedule: ScheduleSection = ScheduleSection()
     audit: AuditSection = AuditSection()
     validation: ValidationSection = ValidationSection()
+    confirm: ConfirmSection | None = None
     tracking: TrackingSection | None = None
     night: dt.date | None = None
     """Set by :meth:`for_night`, never by the study file."""

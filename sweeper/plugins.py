@@ -5,7 +5,9 @@ not, are invisible to it, so after trials diverge at large learning rates it
 keeps proposing them (the region looks unexplored). sweeper's ``gp`` sampler
 also sees each diverged trial, as a complete trial at the worst value any
 complete trial reached. (TPE ranks a diverged trial below every feasible one
-through the constraint sweeper sets on it.)
+through the constraint sweeper sets on it.) Confirmations (``[confirm]``)
+run configurations the search already found again: the ``gp`` sampler's
+model leaves them out, and the pruner never stops one.
 """
 
 from __future__ import annotations
@@ -28,18 +30,23 @@ from sweeper.errors import ConfigError
 from sweeper.space import SearchSpace, ask, grid_space, parse_space
 from sweeper.store import is_diverged
 from sweeper.store._compat import gp_sampler_seeing
+from sweeper.store.confirm import is_confirmation
 
 
 def diverged_as_worst(
     study: optuna.Study, completed: list[FrozenTrial], search_space: dict[str, BaseDistribution]
 ) -> list[FrozenTrial]:
-    """The complete trials, and each diverged trial as a complete one at the worst value."""
+    """The complete search trials, and each diverged one as a complete one at the worst value.
+
+    Confirmations are left out: they are no new points of the search.
+    """
+    completed = [t for t in completed if not is_confirmation(t)]
     if not completed:
         return completed
     diverged = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-        if is_diverged(t) and search_space.keys() <= t.params.keys()
+        if is_diverged(t) and not is_confirmation(t) and search_space.keys() <= t.params.keys()
     ]
     if not diverged:
         return completed
@@ -71,7 +78,30 @@ def sampler_for(config: StudyConfig, seed: int | None = None) -> optuna.samplers
 def pruner_for(config: StudyConfig) -> optuna.pruners.BasePruner:
     """The configured pruner (``[pruner]``), with its options."""
     factory, args, base = _factory(config, "pruner")
-    return _build(config, "pruner", factory, {**base, **config.pruner.options}, *args)
+    pruner = _build(config, "pruner", factory, {**base, **config.pruner.options}, *args)
+    if config.confirm is not None:
+        pruner.__class__ = _sparing_confirmations(type(pruner))
+    return pruner
+
+
+_SPARING: dict[type, type] = {}
+
+
+def _sparing_confirmations(base: type[optuna.pruners.BasePruner]) -> type:
+    """A subclass of the pruner's class that never prunes a confirmation.
+
+    A confirmation's value must be a whole run's, to be averaged with the
+    run it confirms. A subclass, not a wrapper: Optuna's samplers look for
+    the pruner's class (TPE treats a Hyperband study's brackets apart).
+    """
+    found = _SPARING.get(base)
+    if found is None:
+
+        def prune(self: Any, study: optuna.Study, trial: FrozenTrial) -> bool:
+            return not is_confirmation(trial) and base.prune(self, study, trial)
+
+        found = _SPARING[base] = type(base.__name__, (base,), {"prune": prune})
+    return found
 
 
 def _factory(config: StudyConfig, section: str) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:

@@ -240,7 +240,6 @@ def _run(
     from sweeper.atomic import check_writable
     from sweeper.results.best import summary, write_best_toml
     from sweeper.results.report import write_report
-    from sweeper.run.launcher import Sweep
 
     slots = checked.slots
     check_writable(config.output_dir)  # before the study exists: nothing half-made
@@ -257,40 +256,33 @@ def _run(
         emit(f"trial {number} was left running by a stopped sweep: failed and enqueued again")
     since = len(study.get_trials(deepcopy=False))  # trial numbers of this run start here
     left = config.study.n_trials - store.snapshot(study, config.study.n_trials).finished
-    slots = slots[: max(1, left)]  # a worker beyond the trials left would never run one
-    devices = ", ".join(sorted({slot.device for slot in slots}))
+    searching = left > 0 or config.confirm is None  # without [confirm] a run always starts
+    shown = slots[: max(1, left)] if searching else slots
+    devices = ", ".join(sorted({slot.device for slot in shown}))
     emit(
-        f"study {config.study.name!r} in {store.mask_url(config.storage_url)}: {len(slots)} "
+        f"study {config.study.name!r} in {store.mask_url(config.storage_url)}: {len(shown)} "
         f"slot(s) on {devices}, {config.study.n_trials} trials"
     )
-    sweep = Sweep(parent, slots, config.output_dir / "logs", since=since)
 
-    def tick() -> str | None:
-        snapshot = store.snapshot(study, config.study.n_trials, since)
-        for observer in watchers:
-            observer.tick(study, snapshot)
-        request = store.stop_request(study)
-        if request is not None and request.now:
-            raise StopNow
-        return verdict(config, snapshot, sweep)
+    def work(phase: list[Slot]) -> bool:
+        return _work(config, emit, study, parent, phase, since, watchers)
 
     try:
-        sweep.start()
-        sweep.wait(tick)
-    except StopNow:
-        emit("stopping now (`sweeper stop --now`): running trials are failed and enqueued again")
-        sweep.stop()
-    except KeyboardInterrupt:
-        emit("stopping: running trials are failed and will be retried by the next start")
-        sweep.stop()
-        raise
+        # a worker beyond the trials left would never run one
+        going = work(slots[: max(1, left)]) if searching else True
+        if going and config.confirm is not None and store.stop_request(study) is None:
+            pending = store.enqueue_confirmations(study, config)
+            if pending:
+                emit(
+                    f"confirming the best {config.confirm.top_k} configuration(s) with "
+                    f"{config.confirm.seeds} new seed(s) each: {pending} trial(s) to run"
+                )
+                work(slots[:pending])
     finally:
-        if sweep.processes:
-            sweep.stop()
         ended = store.snapshot(study, config.study.n_trials, since)
         for observer in watchers:
             observer.ended(study, ended)
-    missing = ended.missing()
+    missing = ended.missing() or store.confirmations_missing(ended.trials, config)
     stopped = store.stop_request(study) if missing is not None else None
     if stopped is not None:
         emit(
@@ -311,6 +303,51 @@ def _run(
         study,
         stopped,
     )
+
+
+def _work(
+    config: StudyConfig,
+    emit: Callable[[str], None],
+    study: Any,
+    parent: Any,
+    slots: list[Slot],
+    since: int,
+    watchers: Sequence[Observer],
+) -> bool:
+    """Run one worker per slot until no trial is left to claim; False when stopped now.
+
+    The search is one such phase; the confirmations of its best (``[confirm]``),
+    enqueued once it has finished, are another.
+    """
+    from sweeper import store
+    from sweeper.run.launcher import Sweep
+
+    sweep = Sweep(parent, slots, config.output_dir / "logs", since=since)
+
+    def tick() -> str | None:
+        snapshot = store.snapshot(study, config.study.n_trials, since)
+        for observer in watchers:
+            observer.tick(study, snapshot)
+        request = store.stop_request(study)
+        if request is not None and request.now:
+            raise StopNow
+        return verdict(config, snapshot, sweep)
+
+    try:
+        sweep.start()
+        sweep.wait(tick)
+    except StopNow:
+        emit("stopping now (`sweeper stop --now`): running trials are failed and enqueued again")
+        sweep.stop()
+        return False
+    except KeyboardInterrupt:
+        emit("stopping: running trials are failed and will be retried by the next start")
+        sweep.stop()
+        raise
+    finally:
+        if sweep.processes:
+            sweep.stop()
+    return True
 
 
 def verdict(config: StudyConfig, snapshot: Any, sweep: Any) -> str | None:

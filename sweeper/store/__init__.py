@@ -3,6 +3,7 @@
 Open storages (URLs through SQLAlchemy, SQLite tuned for many writers,
 read-only readers), create and resume studies, claim trials under the study's
 lock with an owner record, fail and retry them idempotently, recover orphans,
+enqueue the confirmations of a finished search's best,
 read a snapshot of trial outcomes where "finished" and the counts are
 defined once, and answer status questions with one query each.
 """
@@ -10,6 +11,15 @@ defined once, and answer status questions with one query each.
 from __future__ import annotations
 
 from sweeper.store.claims import Owner, SamplerFailed, claim, claim_lock, process_start
+from sweeper.store.confirm import (
+    CONFIRM_SEED,
+    CONFIRMS,
+    confirmation_groups,
+    confirmations_missing,
+    enqueue_confirmations,
+    is_confirmation,
+    top_configurations,
+)
 from sweeper.store.open import (
     GRACE_PERIOD,
     HEARTBEAT_INTERVAL,
@@ -56,6 +66,8 @@ from sweeper.store.studies import (
 )
 
 __all__ = [
+    "CONFIRMS",
+    "CONFIRM_SEED",
     "ENDED",
     "FINISHED",
     "GRACE_PERIOD",
@@ -69,14 +81,18 @@ __all__ = [
     "best_trial",
     "claim",
     "claim_lock",
+    "confirmation_groups",
+    "confirmations_missing",
     "counts",
     "create_or_resume",
     "delete",
+    "enqueue_confirmations",
     "fail_stale",
     "fail_trial",
     "forget_connections",
     "has_ended",
     "heartbeat",
+    "is_confirmation",
     "is_diverged",
     "is_finished",
     "is_server",
@@ -98,6 +114,7 @@ __all__ = [
     "storage_failure",
     "study_names",
     "tell",
+    "top_configurations",
     "trials_per_state",
     "withdraw_stop",
 ]

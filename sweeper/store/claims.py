@@ -224,8 +224,8 @@ def claim(
     attrs: dict[str, Any],
     since: int | None = None,
 ) -> optuna.Trial | None:
-    """Start the next trial owned by ``owner``; None when ``n_trials`` are finished or under way,
-    or the study was asked to stop.
+    """Start the next trial owned by ``owner``; None when ``n_trials`` search trials are finished
+    or under way and no confirmation waits, or the study was asked to stop.
 
     Call under :func:`claim_lock`. Orphans are failed and enqueued again
     first; waiting trials (retries, enqueued configurations) go first. With
@@ -244,7 +244,9 @@ def claim(
     fail_orphans(study, owner.host, asker=owner.worker)
     trials = study.get_trials(deepcopy=False)
     now = Snapshot(trials, config.study.n_trials, since or 0)
-    if now.finished + now.counts["running"] >= config.study.n_trials:
+    if now.finished + now.search_running >= config.study.n_trials and not (
+        now.confirmations_waiting  # the search is done: only its confirmations are left
+    ):
         return None
     if since is not None and (
         now.systematic() is not None or len(now.failures()) >= config.study.max_failures

@@ -23,6 +23,7 @@ from sweeper.store._compat import (
     write_user_attrs,
 )
 from sweeper.store.claims import Owner, claim_lock
+from sweeper.store.confirm import is_confirmation
 from sweeper.store.open import GRACE_PERIOD, retrying
 from sweeper.store.queries import trials_per_state
 
@@ -223,8 +224,22 @@ class Snapshot:
             self.counts[trial.state.name.lower()] += 1
 
     @property
+    def search(self) -> list[FrozenTrial]:
+        """The trials of the search: every trial but the confirmations of its best."""
+        return [t for t in self.trials if not is_confirmation(t)]
+
+    @property
     def finished(self) -> int:
-        return self.counts["complete"] + self.counts["pruned"]
+        """Finished trials of the search (confirmations do not count toward ``n_trials``)."""
+        return sum(t.state in FINISHED for t in self.search)
+
+    @property
+    def search_running(self) -> int:
+        return sum(t.state == TrialState.RUNNING for t in self.search)
+
+    @property
+    def confirmations_waiting(self) -> int:
+        return sum(t.state == TrialState.WAITING and is_confirmation(t) for t in self.trials)
 
     @property
     def diverged(self) -> int:
