@@ -313,9 +313,11 @@ def lr_find(
 
 def counts_line(data: dict[str, Any]) -> str:
     c = data["counts"]
-    finished = c["complete"] + c["pruned"]
+    confirmations = data.get("confirmation_trials", 0)
+    finished = c["complete"] + c["pruned"] - confirmations
+    also = f" and {confirmations} confirmation trial(s)" if confirmations else ""
     return (
-        f"study {data['study']!r}: {finished}/{data['n_trials']} finished "
+        f"study {data['study']!r}: {finished}/{data['n_trials']} finished{also} "
         f"({c['complete']} complete, {c['pruned']} pruned), {c['fail']} failed, "
         f"{c['running']} running, {c['waiting']} waiting"
     )
@@ -335,6 +337,8 @@ def print_best(data: dict[str, Any]) -> None:
         f"best: trial {best_row['trial']}, {data['metric']}={best_row['value']:.4f} "
         f"at step {best_row['step']} (epoch {best_row['epoch']})"
     )
+    if best_row.get("confirmed"):
+        say(f"  chosen by its mean over seeds: {confirmed_line(best_row['confirmed'])}")
     for name, value in {**best_row["fixed"], **best_row["params"]}.items():
         say(f"  {name} = {value!r}")
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in best_row["metrics"].items())
@@ -357,3 +361,18 @@ def print_best(data: dict[str, Any]) -> None:
                 f"    {error['where']}: {error['text']!r} labelled {error['label']!r}, "
                 f"predicted {error['predicted']!r} ({error['confidence']:.2f})"
             )
+    if data.get("confirmed"):
+        say(f"confirmed configurations, best mean first ({data['metric']}, mean ± std):")
+        for entry in data["confirmed"]:
+            params = ", ".join(f"{k}={v!r}" for k, v in entry["params"].items())
+            say(f"  trial {entry['trial']}: {confirmed_line(entry)}; {params}")
+
+
+def confirmed_line(entry: dict[str, Any]) -> str:
+    """``0.8123 ± 0.0100 over 3 runs (trial 3 seed 1234: 0.8200, ...)``."""
+    runs = ", ".join(
+        f"trial {run['trial']} seed {run['seed']}: "
+        + (f"{run['value']:.4f}" if run["value"] is not None else run["outcome"])
+        for run in entry["runs"]
+    )
+    return f"{entry['mean']:.4f} ± {entry['std']:.4f} over {len(entry['runs'])} runs ({runs})"

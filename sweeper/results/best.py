@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import statistics
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,15 @@ from sweeper.config import StudyConfig
 from sweeper.plugins import trial_seed
 from sweeper.run.overfitting import describe as describe_overfit
 from sweeper.run.weights import load_hint
-from sweeper.store import best_trial, counts, numbers_with_user_attr, running_trials
+from sweeper.store import (
+    CONFIRMS,
+    confirmation_groups,
+    counts,
+    numbers_with_user_attr,
+    outcome,
+    running_trials,
+)
+from sweeper.store import best_trial as best_complete_trial
 
 PACKAGES = ("optuna", "torch", "lightning", "torchmetrics", "transformers")
 
@@ -30,9 +39,63 @@ def record_at_best(trial: FrozenTrial) -> dict[str, Any]:
     return next((r for r in history if r.get("step") == step), history[-1] if history else {})
 
 
+def confirmed(study: optuna.Study) -> list[dict[str, Any]]:
+    """Each configuration the study confirmed (``[confirm]``), best mean first.
+
+    One entry per confirmed search trial: its number and params, and the
+    mean and sample standard deviation of the values of the trial and its
+    finished confirmations, each run listed with its seed. A run without a
+    value (diverged) is listed, not averaged.
+    """
+    if not numbers_with_user_attr(study, CONFIRMS):  # one query: most studies have none
+        return []
+    trials = study.get_trials(deepcopy=False)
+    groups = confirmation_groups(trials)
+    entries: list[dict[str, Any]] = []
+    for number, runs in groups.items():
+        original = trials[number]  # a study's trials are numbered 0, 1, ... in order
+        if original.value is None:
+            continue
+        listed = [
+            {
+                "trial": run.number,
+                "seed": run.user_attrs.get("seed"),
+                "confirm_seed": run.user_attrs.get("confirm_seed", 0),
+                "value": run.value if outcome(run) != "diverged" else None,
+                "outcome": outcome(run),
+            }
+            for run in [original, *runs]
+        ]
+        values = [run["value"] for run in listed if run["value"] is not None]
+        entries.append(
+            {
+                "trial": number,
+                "params": original.params,
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "runs": listed,
+            }
+        )
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    entries.sort(key=lambda e: (-e["mean"] if maximize else e["mean"], e["trial"]))
+    return entries
+
+
+def best_trial(
+    study: optuna.Study, found: list[dict[str, Any]] | None = None
+) -> FrozenTrial | None:
+    """The best trial: with confirmations, the confirmed configuration with the best mean
+    (its search trial); else the best COMPLETE trial. ``found``: :func:`confirmed`, if read."""
+    found = confirmed(study) if found is None else found
+    if found:
+        return study.get_trials(deepcopy=False)[found[0]["trial"]]
+    return best_complete_trial(study)
+
+
 def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
     """What ``sweeper best`` shows: the best trial, its metrics, counts, how to reproduce."""
-    best = best_trial(study)
+    found = confirmed(study)
+    best = best_trial(study, found)
     result: dict[str, Any] = {
         "study": config.study.name,
         "direction": config.study.direction,
@@ -40,7 +103,9 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
         "counts": counts(study),
         "n_trials": config.study.n_trials,
         "overfit_trials": numbers_with_user_attr(study, "overfit"),
+        "confirmation_trials": sum(len(entry["runs"]) - 1 for entry in found),
         "best": None,
+        "confirmed": found,
     }
     if best is None:
         return result
@@ -60,6 +125,7 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
         "overfit": best.user_attrs.get("overfit"),
         "weights": best.user_attrs.get("weights"),
         "confident_errors": best.user_attrs.get("confident_errors", []),
+        "confirmed": found[0] if found else None,
         "reproduce": {
             "study_file": str(config.path),
             "study_seed": config.study.seed,
@@ -103,6 +169,8 @@ def write_best_toml(config: StudyConfig, data: dict[str, Any]) -> Path | None:
     doc.add("best", head)
     doc.add("params", _table({**best["fixed"], **best["params"]}))
     doc.add("metrics", _table(best["metrics"]))
+    if best.get("confirmed"):
+        doc.add("confirmed", _confirmed_table(best["confirmed"]))
     if best["gap"] or best["overfit"]:
         view = _table({f"gap_{name}": value for name, value in best["gap"].items()})
         view.add("overfit", best["overfit"] is not None)
@@ -115,6 +183,22 @@ def write_best_toml(config: StudyConfig, data: dict[str, Any]) -> Path | None:
     reproduce_table.add("versions", version_table)
     doc.add("reproduce", reproduce_table)
     return write_text(config.output_dir / "best.toml", tomlkit.dumps(doc))
+
+
+def _confirmed_table(entry: dict[str, Any]) -> Any:
+    """The confirmed best's spread: mean and standard deviation, each run's trial, seed, value."""
+    table = tomlkit.table()
+    table.add(tomlkit.comment("chosen by the mean over the search trial and its confirmations"))
+    table.add("mean", entry["mean"])
+    table.add("std", entry["std"])
+    runs = entry["runs"]
+    table.add("trials", [run["trial"] for run in runs])
+    table.add("seeds", [run["seed"] for run in runs if run["seed"] is not None])
+    table.add("values", [run["value"] for run in runs if run["value"] is not None])
+    diverged = [run["trial"] for run in runs if run["value"] is None]
+    if diverged:
+        table.add("diverged", diverged)
+    return table
 
 
 def _table(values: dict[str, Any]) -> Any:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeper.store.confirm import confirms, is_confirmation
+
 if TYPE_CHECKING:
     from sweeper.store import Snapshot
 
@@ -35,7 +37,7 @@ class EventLog:
             if trial.state != TrialState.WAITING:
                 self._seen[trial.number] = trial.state
             value = trial.value if trial.state == TrialState.COMPLETE else None
-            if value is not None and (self._best is None or self._improves(value)):
+            if value is not None and not is_confirmation(trial) and self._improves(value):
                 self._best = value
 
     def update(self, trials: Sequence[FrozenTrial]) -> None:
@@ -49,7 +51,10 @@ class EventLog:
             self._seen[trial.number] = trial.state
             if trial.state == TrialState.RUNNING:
                 device = trial.user_attrs.get("device", "?")
-                self._say(f"trial {trial.number} started on {device} {_params(trial)}")
+                self._say(
+                    f"trial {trial.number}{_confirming(trial)} started on {device} "
+                    f"{_params(trial)}"
+                )
             else:
                 self._finished(trial)
 
@@ -57,8 +62,11 @@ class EventLog:
         reason = trial.user_attrs.get("stop_reason", "")
         if trial.state == TrialState.COMPLETE:
             value = trial.value
-            line = f"trial {trial.number} completed: {describe_value(self.metric, value)}"
-            if value is not None and self._improves(value):
+            line = (
+                f"trial {trial.number}{_confirming(trial)} completed: "
+                f"{describe_value(self.metric, value)}"
+            )
+            if value is not None and not is_confirmation(trial) and self._improves(value):
                 self._best = value
                 line += " (new best)"
             self._say(line)
@@ -75,6 +83,12 @@ class EventLog:
     def _say(self, message: str) -> None:
         stamp = time.strftime("%H:%M:%S", time.localtime(self.clock()))
         self.emit(f"{stamp} {message}")
+
+
+def _confirming(trial: FrozenTrial) -> str:
+    """`` (confirms trial 3, seed 2)`` for a confirmation (``[confirm]``), else nothing."""
+    mark = confirms(trial)
+    return "" if mark is None else f" (confirms trial {mark[0]}, seed {mark[1]})"
 
 
 def _params(trial: FrozenTrial) -> str:

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
-from sweeper.results.best import best_trial, record_at_best
+from sweeper.results.best import best_trial, confirmed, record_at_best
 from sweeper.run.overfitting import describe as describe_overfit
 from sweeper.space import parse_space
 from sweeper.store import has_ended, outcome, read_trials
@@ -73,7 +73,7 @@ def build_report(
     from plotly.offline import get_plotlyjs
 
     trials = read_trials(study)
-    sections = [_summary(config, study, trials)]
+    sections = [_summary(config, study, trials), _confirmed(config, study)]
     if earlier:
         items = "".join(
             f'<li><a href="{html.escape(href)}">{html.escape(label)}</a></li>'
@@ -141,9 +141,17 @@ def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTr
             else "none (no validation metric peaked and then fell while the train loss fell)",
         )
     )
-    best = best_trial(study)
+    confirmations = confirmed(study)
+    best = best_trial(study, confirmations)
     if best is not None:
-        rows.insert(0, ("best value", f"{best.value:.6g} (trial {best.number})"))
+        value = f"{best.value:.6g} (trial {best.number})"
+        if confirmations:
+            entry = confirmations[0]
+            value += (
+                f"; mean over its {len(entry['runs'])} runs "
+                f"{entry['mean']:.6g} ± {entry['std']:.3g}"
+            )
+        rows.insert(0, ("best value", value))
         rows.insert(
             1, ("best params", ", ".join(f"{k} = {_short(v)}" for k, v in best.params.items()))
         )
@@ -158,6 +166,37 @@ def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTr
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows
     )
     return f'<section id="summary"><h2>Summary</h2><table>{cells}</table></section>'
+
+
+def _confirmed(config: StudyConfig, study: optuna.Study) -> str:
+    """The confirmed configurations (``[confirm]``): mean ± std and each run's seed and value."""
+    found = confirmed(study)
+    if not found:
+        return ""
+    rows = []
+    for entry in found:
+        runs = "<br>".join(
+            html.escape(
+                f"trial {run['trial']}, seed {run['seed']}: "
+                + (f"{run['value']:.6g}" if run["value"] is not None else str(run["outcome"]))
+            )
+            for run in entry["runs"]
+        )
+        params = ", ".join(f"{k} = {_short(v)}" for k, v in entry["params"].items())
+        cells = (
+            html.escape(str(entry["trial"])),
+            html.escape(f"{entry['mean']:.6g} ± {entry['std']:.3g}"),
+            runs,
+            html.escape(params),
+        )
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("trial", "mean ± std", "runs", "params"))
+    return (
+        '<section id="confirmed"><h2>Confirmed configurations</h2>'
+        f"<p>The best configurations of the search, each run again with new seeds; the best "
+        f"is chosen by the mean of {html.escape(config.study.metric)} over its runs.</p>"
+        f"<table><tr>{head}</tr>{''.join(rows)}</table></section>"
+    )
 
 
 def _label_suspects(study: optuna.Study) -> str:
