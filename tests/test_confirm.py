@@ -261,3 +261,20 @@ def test_the_pruner_spares_confirmations_and_the_gp_model_leaves_them_out(
 
 def test_without_confirm_the_file_has_none() -> None:
     assert load_config(Path(__file__).parents[1] / "studies" / "digits.toml").confirm is None
+
+
+def test_each_confirmation_is_a_full_k_fold_trial(study_dir: StudyDir) -> None:
+    from tests.test_folds import scripted
+
+    path = scripted(study_dir, confirm={"top_k": 1, "seeds": 2})
+    result = run_sweeper("start", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    search, confirmations = split(load(study_dir).get_trials())
+    assert len(search) == 2 and all(t.state in FINISHED for t in search)
+    (good,) = [t for t in search if t.params["scale"] == 1.0]
+    assert sorted(t.user_attrs["confirm_seed"] for t in confirmations) == [1, 2]
+    for trial in confirmations:
+        assert trial.state == TrialState.COMPLETE
+        assert trial.user_attrs["confirms"] == good.number
+        assert trial.user_attrs["fold_values"] == pytest.approx([0.9, 0.9, 0.9])
+        assert sorted({r["fold"] for r in trial.user_attrs["history"]}) == [0, 1, 2]
