@@ -92,9 +92,14 @@ def write_user_attrs(
     """
     storage = backend(study)
     found = trial_id(trial)
+    if not isinstance(storage, RDBStorage):  # an in-memory study: nothing to batch
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
     with _create_scoped_session(storage.scoped_session) as session:
         stored = models.TrialModel.find_or_raise_by_id(found, session)
-        storage.check_trial_is_updatable(found, stored.state)
+        state: Any = stored.state  # a TrialState, read through an ORM column
+        storage.check_trial_is_updatable(found, state)
         rows: dict[Any, Any] = {
             row.key: row
             for row in session.query(models.TrialUserAttributeModel).filter(
