@@ -77,7 +77,8 @@ class Sweep:
     def _spawn(self, slot: Slot) -> None:
         env = worker_environment(slot, os.environ)
         args = worker_args(slot, self.since)
-        self.processes[slot.index] = self.parent.spawn(args, env, self.log_path(slot))
+        name = f"sweeper-slot-{slot.index}"
+        self.processes[slot.index] = self.parent.spawn(args, env, self.log_path(slot), name)
 
     def log_path(self, slot: Slot) -> Path:
         return self.log_dir / f"slot-{slot.index}.log"

@@ -11,8 +11,8 @@ thread.
 The same rule as for trials holds: the process that forks has run no torch
 operation that starts threads, and no CUDA call (see ``DESIGN.md``).
 
-Protocol: the sweep writes one JSON order per line (``env``, ``log`` and the
-worker's own ``args``); the warm parent answers ``started PID``, and
+Protocol: the sweep writes one JSON order per line (``env``, ``log``, the
+process ``name`` and the worker's own ``args``); the warm parent answers ``started PID``, and
 ``ended PID WAITSTATUS`` once it has reaped that worker. Closing the order
 pipe lets it exit when its last worker has ended; if the sweep's process dies,
 the warm parent gets SIGTERM, and its workers get SIGTERM in turn.
@@ -72,7 +72,7 @@ class WarmParent:
             try:
                 os.close(order_write)
                 os.close(report_read)
-                _detach(os.getppid(), signal.SIGTERM, signal.SIGINT)
+                _detach(os.getppid(), "sweeper-warm", signal.SIGTERM, signal.SIGINT)
                 code = _serve_orders(order_read, report_write, serve)
             finally:
                 os._exit(code)
@@ -80,9 +80,12 @@ class WarmParent:
         os.close(report_write)
         return cls(pid, order_write, report_read)
 
-    def spawn(self, args: dict[str, Any], env: Mapping[str, str], log: Path) -> WorkerProcess:
-        """Fork a worker with ``env`` as its environment, its output appended to ``log``."""
-        order = json.dumps({"args": args, "env": dict(env), "log": str(log)})
+    def spawn(
+        self, args: dict[str, Any], env: Mapping[str, str], log: Path, name: str
+    ) -> WorkerProcess:
+        """Fork a worker named ``name``, with ``env`` as its environment, its output
+        appended to ``log``."""
+        order = json.dumps({"args": args, "env": dict(env), "log": str(log), "name": name})
         try:
             os.write(self.orders, order.encode() + b"\n")
         except OSError:
@@ -202,21 +205,27 @@ class WorkerProcess:
                 os.kill(self.pid, sig)
 
 
-def _detach(parent: int, on_parent_death: signal.Signals, *ignored: signal.Signals) -> None:
-    """A fresh session; ``on_parent_death`` when ``parent`` dies; terminal signals ignored."""
+def _detach(
+    parent: int, name: str, on_parent_death: signal.Signals, *ignored: signal.Signals
+) -> None:
+    """A fresh session named ``name``; ``on_parent_death`` when ``parent`` dies; the
+    ``ignored`` signals ignored."""
     os.setsid()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
-    die_with_parent(on_parent_death)
+    die_with_parent(on_parent_death, name)
     if os.getppid() != parent:  # it died before the request took hold
         os._exit(1)
 
 
-def die_with_parent(sig: signal.Signals) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies."""
+def die_with_parent(sig: signal.Signals, name: str | None = None) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies; ``name`` it (what
+    ``top`` and ``ps -o comm`` show, 15 characters at most), as a fork keeps the parent's."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, int(sig))  # PR_SET_PDEATHSIG
+        if name is not None:
+            libc.prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):  # not Linux: the parent's checks still apply
         pass
 
@@ -261,7 +270,7 @@ def _fork_worker(order: dict[str, Any], serve: Serve, parent: int, pipes: tuple[
     try:
         for fd in pipes:
             os.close(fd)
-        _detach(parent, signal.SIGTERM)
+        _detach(parent, order["name"], signal.SIGTERM)
         os.environ.clear()
         os.environ.update(order["env"])
         log = os.open(order["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

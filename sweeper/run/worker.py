@@ -159,7 +159,7 @@ class Worker:
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        die_with_parent(signal.SIGKILL)
+        die_with_parent(signal.SIGKILL, "sweeper-trial")
         from sweeper.store import forget_connections
 
         forget_connections(self.study)
