@@ -229,6 +229,7 @@ def sweeper_claimer(
     barrier.wait()
     end = time.monotonic() + seconds
     while time.monotonic() < end:
+        store.before_fork(study)  # as sweeper's worker does
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:

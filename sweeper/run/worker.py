@@ -109,7 +109,9 @@ class Worker:
     def _run_one(self) -> bool:
         """Fork and watch one trial; False when there was nothing left to claim."""
         from sweeper.run.trial import EXIT_NO_TRIAL, EXIT_SAMPLER
+        from sweeper.store import before_fork
 
+        before_fork(self.study)
         child = self._fork()
         status = self._watch(child)
         os.close(child.channel)

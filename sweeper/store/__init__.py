@@ -10,7 +10,14 @@ defined once, and answer status questions with one query each.
 
 from __future__ import annotations
 
-from sweeper.store.claims import Owner, SamplerFailed, claim, claim_lock, process_start
+from sweeper.store.claims import (
+    Owner,
+    SamplerFailed,
+    before_fork,
+    claim,
+    claim_lock,
+    process_start,
+)
 from sweeper.store.confirm import (
     CONFIRM_SEED,
     CONFIRMS,
@@ -78,6 +85,7 @@ __all__ = [
     "SamplerFailed",
     "Snapshot",
     "StopRequest",
+    "before_fork",
     "best_trial",
     "claim",
     "claim_lock",

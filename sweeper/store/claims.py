@@ -217,6 +217,22 @@ def _lock_engine(url: str) -> Any:
     return found
 
 
+def before_fork(study: optuna.Study) -> None:
+    """Read what a claim reads, in the process that forks trial processes.
+
+    A forked trial starts from its parent's copy of the study: with every trial
+    cached and the claim's queries compiled, its claim (under the claim lock)
+    reads only the trials that changed since and compiles little.
+    """
+    from optuna.trial import TrialState
+
+    from sweeper.store._compat import stale_trial_ids
+
+    study.get_trials(deepcopy=False)
+    study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    stale_trial_ids(study)
+
+
 def claim(
     study: optuna.Study,
     config: StudyConfig,
