@@ -75,6 +75,9 @@ def test_a_sweep_confirms_its_best_with_new_seeds_and_chooses_by_the_mean(
     seeds = [t.user_attrs["seed"] for t in trials]
     assert len(set(seeds)) == len(seeds), "every run has a seed of its own"
     assert "(confirms trial" in result.stdout
+    kept = {f.name for f in (study_dir.root / "tiny" / "weights").glob("trial-*.pt")}
+    assert kept and kept <= {f"trial-{t.number}.pt" for t in search}, "a seed's luck keeps none"
+    assert not any("weights" in t.user_attrs for t in confirmations)
 
     shown = run_sweeper("best", str(path), "--json")
     assert shown.returncode == 0, shown.stderr

@@ -25,7 +25,7 @@ from sweeper.run.divergence import DivergenceGuard
 from sweeper.run.tracking import TrialRun, trial_run
 from sweeper.run.trainer import trainer_options
 from sweeper.space import parse_space
-from sweeper.store import Owner, SamplerFailed, claim, claim_lock, tell
+from sweeper.store import Owner, SamplerFailed, claim, claim_lock, is_confirmation, tell
 from sweeper.tasks import Build
 
 EXIT_TOLD = 0
@@ -118,7 +118,7 @@ def _train(
     if recorder.best is None or not math.isfinite(recorder.best):
         attrs["stop_reason"] = _NEVER_LOGGED.format(metric=config.study.metric)
         return TrialState.FAIL, None, attrs
-    if recorder.best_weights is not None:
+    if recorder.best_weights is not None and not is_confirmation(trial):
         from sweeper.run.weights import keep
 
         kept = keep(config, trial.number, recorder.best, recorder.best_weights)

@@ -30,7 +30,7 @@ CONFIRM_SEED = "confirm_seed"
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def is_confirmation(trial: FrozenTrial) -> bool:
+def is_confirmation(trial: FrozenTrial | optuna.Trial) -> bool:
     """A trial that runs a configuration of the search again (not a search trial)."""
     return isinstance(trial.user_attrs.get(CONFIRMS), int)
 
