@@ -15,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import json
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -211,10 +214,57 @@ def check_plugins(config: StudyConfig) -> None:
         factory = _factory(config, section)[0]
         _check_known(config, section, factory, options[section])
         _check_types(config, section, factory, options[section])
+    crashed = f"{config.path}: sampler, pruner: exercising them crashed"
+    problem = _apart(lambda: _exercised(config, space, options), crashed)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def _exercised(
+    config: StudyConfig, space: SearchSpace, options: dict[str, dict[str, Any]]
+) -> str | None:
+    """The message for options that fail when exercised, or None."""
     try:
         _exercise(config, space, options)
     except Exception as exc:  # Optuna raises many kinds on a bad option
-        raise ConfigError(_blame(config, space, options, exc)) from exc
+        return _blame(config, space, options, exc)
+    return None
+
+
+def _apart(work: Callable[[], str | None], crashed: str) -> str | None:
+    """Run ``work`` in a forked child and return what it returns (``crashed`` and how, when
+    the child died).
+
+    Samplers may run torch (the gp sampler fits its model with it, and sets
+    torch's thread count); the process that checks the study goes on to fork
+    every worker, and a fork of a process that ran torch hangs in OpenMP.
+    """
+    read_end, write_end = os.pipe()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            os.write(write_end, json.dumps(work()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as answer:
+        said = answer.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not said:
+        return f"{crashed} ({_ended(status)})"
+    result: str | None = json.loads(said)
+    return result
+
+
+def _ended(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit code {os.WEXITSTATUS(status)}"
 
 
 PLAIN_KINDS: dict[str, tuple[type, ...]] = {

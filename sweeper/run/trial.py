@@ -61,7 +61,7 @@ def run_trial(
     can record its end if this process dies; until then the owner record the
     claim wrote lets any later claim tell that it died.
     """
-    torch.set_num_threads(slot.threads)
+    limit_threads(slot.threads)
     try:
         with claim_lock(config):
             attrs = {"slot": slot.index, "device": slot.device}
@@ -87,6 +87,16 @@ def run_trial(
         print(f"trial {trial.number} failed:\n{attrs['error']}", file=sys.stderr)
     tell(study, trial, state, value, attrs)
     return EXIT_TOLD
+
+
+def limit_threads(threads: int) -> None:
+    """Cap this trial's threads at its slot's share: torch's, and those of numpy's BLAS and
+    any OpenMP runtime, which sized their pools when the supervisor loaded them (the
+    environment a worker is given comes too late for a library already loaded)."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
 
 
 def trial_params(config: StudyConfig, trial: optuna.Trial) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import os
 import select
@@ -66,6 +67,7 @@ class WarmParent:
         report_read, report_write = os.pipe()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
+        gc.collect()  # storages read and dropped before (a night's) close here, not in a child
         pid = os.fork()
         if pid == 0:
             code = 70
@@ -93,6 +95,7 @@ class WarmParent:
         while not self.gone:
             for kind, values in self._collect(timeout=None):
                 if kind == "started":
+                    self.ended.pop(values[0], None)  # a pid an earlier worker had
                     return WorkerProcess(values[0], self)
         error = SweeperError(
             f"the workers' parent process (pid {self.pid}) {self.death()}; "

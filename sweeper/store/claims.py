@@ -228,9 +228,12 @@ def before_fork(study: optuna.Study) -> None:
 
     from sweeper.store._compat import stale_trial_ids
 
-    study.get_trials(deepcopy=False)
-    study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    stale_trial_ids(study)
+    try:
+        study.get_trials(deepcopy=False)
+        study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        stale_trial_ids(study)
+    except (sa.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+        pass  # only a head start: the trial's claim reads, and reports, for itself
 
 
 def claim(
