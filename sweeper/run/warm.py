@@ -33,7 +33,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sweeper.errors import SweeperError
 
@@ -269,21 +269,32 @@ def _fork_worker(order: dict[str, Any], serve: Serve, parent: int, pipes: tuple[
     pid = os.fork()
     if pid:
         return pid
+    run_child(lambda: _worker(order, serve, parent, pipes))
+
+
+def _worker(order: dict[str, Any], serve: Serve, parent: int, pipes: tuple[int, ...]) -> int:
+    """The forked worker: its session, environment and log, then ``serve``."""
+    for fd in pipes:
+        os.close(fd)
+    _detach(parent, order["name"], signal.SIGTERM)
+    os.environ.clear()
+    os.environ.update(order["env"])
+    log = os.open(order["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    # fresh streams: the inherited ones may hold locks of threads that did not fork
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    return serve(order["args"])
+
+
+def run_child(work: Callable[[], int]) -> NoReturn:
+    """In a forked child: run ``work`` and end with its code (70 after a traceback), the
+    output flushed and none of the parent's cleanup run."""
     code = 70
     try:
-        for fd in pipes:
-            os.close(fd)
-        _detach(parent, order["name"], signal.SIGTERM)
-        os.environ.clear()
-        os.environ.update(order["env"])
-        log = os.open(order["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(log)
-        # fresh streams: the inherited ones may hold locks of threads that did not fork
-        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        code = serve(order["args"])
+        code = work()
     except BaseException:
         traceback.print_exc()
     finally:

@@ -21,7 +21,7 @@ from typing import Any
 from sweeper.config import StudyConfig
 from sweeper.errors import SweeperError
 from sweeper.run.devices import Slot
-from sweeper.run.warm import die_with_parent
+from sweeper.run.warm import die_with_parent, run_child
 from sweeper.store import HEARTBEAT_INTERVAL
 from sweeper.tasks import Build
 
@@ -142,17 +142,7 @@ class Worker:
         pid = os.fork()
         if pid == 0:  # the trial process
             os.close(read_end)
-            code = 70
-            try:
-                code = self._child(write_end)
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+            run_child(lambda: self._child(write_end))
         os.close(write_end)
         return TrialProcess(pid=pid, channel=read_end, started=time.monotonic())
 
