@@ -108,8 +108,14 @@ def test_a_sweep_confirms_its_best_with_new_seeds_and_chooses_by_the_mean(
     assert best["best"]["trial"] == entries[0]["trial"]
     assert best["confirmed"]["mean"] == pytest.approx(entries[0]["mean"])
     assert best["confirmed"]["std"] == pytest.approx(entries[0]["std"])
-    assert best["confirmed"]["values"] == [r["value"] for r in entries[0]["runs"]]
-    assert best["confirmed"]["trials"] == [r["trial"] for r in entries[0]["runs"]]
+    assert [r["value"] for r in best["confirmed"]["runs"]] == [
+        r["value"] for r in entries[0]["runs"]
+    ]
+    assert [r["trial"] for r in best["confirmed"]["runs"]] == [
+        r["trial"] for r in entries[0]["runs"]
+    ]
+    if "weights" in best["best"]:
+        assert Path(best["best"]["weights"]).is_file(), "best.toml names weights that exist"
     report = (study_dir.root / "tiny" / "report.html").read_text()
     assert "Confirmed configurations" in report
     assert f"{entries[0]['mean']:.6g} ± {entries[0]['std']:.3g}" in report
@@ -281,3 +287,107 @@ def test_each_confirmation_is_a_full_k_fold_trial(study_dir: StudyDir) -> None:
         assert trial.user_attrs["confirms"] == good.number
         assert trial.user_attrs["fold_values"] == pytest.approx([0.9, 0.9, 0.9])
         assert sorted({r["fold"] for r in trial.user_attrs["history"]}) == [0, 1, 2]
+
+
+def confirmed_study(
+    tmp_path: Path, runs: dict[int, list[float | None]], first: dict | None = None
+) -> optuna.Study:
+    """A real study of search trials 0, 1, ... (each value the first of its runs; trial 0
+    with user attributes ``first``) and, after them, the confirmations of each: ``None``
+    is a run that diverged."""
+    db = f"sqlite:///{tmp_path / 'tiny.db'}"
+    made = optuna.create_study(study_name="tiny", storage=db, direction="maximize")
+    space = {"lr": FloatDistribution(0.0, 10.0)}
+    for number, values in sorted(runs.items()):
+        made.add_trial(
+            create_trial(
+                value=values[0],
+                params={"lr": float(number)},
+                distributions=space,
+                user_attrs=(first or {}) if number == 0 else {},
+            )
+        )
+    for number, values in sorted(runs.items()):
+        for seed, value in enumerate(values[1:], start=1):
+            attrs = {"confirms": number, "confirm_seed": seed, "seed": 100 * number + seed}
+            if value is None:
+                made.add_trial(
+                    create_trial(
+                        state=TrialState.PRUNED,
+                        params={"lr": float(number)},
+                        distributions=space,
+                        user_attrs={**attrs, "diverged": True},
+                    )
+                )
+            else:
+                made.add_trial(
+                    create_trial(
+                        value=value,
+                        params={"lr": float(number)},
+                        distributions=space,
+                        user_attrs=attrs,
+                    )
+                )
+    return made
+
+
+def test_a_run_that_diverged_counts_as_the_worst(tmp_path: Path) -> None:
+    from sweeper.results.best import best_trial, confirmed
+
+    # trial 0's two finished runs average 0.95, but its third diverged: unstable
+    made = confirmed_study(tmp_path, {0: [0.96, 0.94, None], 1: [0.90, 0.89, 0.88]})
+    found = confirmed(made)
+    assert [e["trial"] for e in found] == [1, 0]
+    assert found[1]["diverged"] == 1 and found[1]["mean"] == pytest.approx(0.95)
+    assert best_trial(made).number == 1
+
+
+def test_a_half_confirmed_configuration_is_not_chosen_over_a_confirmed_one(
+    tmp_path: Path,
+) -> None:
+    from sweeper.results.best import best_trial, confirmed
+
+    # trial 1's first confirmation was lucky; its second has not run yet
+    made = confirmed_study(tmp_path, {0: [0.90, 0.91, 0.89], 1: [0.92, 0.99]})
+    assert [e["trial"] for e in confirmed(made)] == [0, 1]
+    assert best_trial(made).number == 0
+
+
+def test_best_toml_lists_each_run_with_its_own_seed_and_value(study_dir: StudyDir) -> None:
+    from sweeper.results.best import summary, write_best_toml
+
+    path = study_dir.write(confirming(1, 2, study={"n_trials": 1}))
+    config = load_config(path)
+    made = confirmed_study(study_dir.root, {0: [0.9, None, 0.8]})
+    data = summary(config, made)
+    written = write_best_toml(config, data)
+    assert written is not None
+    runs = tomllib.loads(written.read_text())["confirmed"]["runs"]
+    assert runs[1:] == [
+        {"trial": 1, "seed": 1, "outcome": "diverged"},
+        {"trial": 2, "seed": 2, "value": 0.8, "outcome": "complete"},
+    ]
+
+
+def test_best_names_weights_only_when_their_file_is_there(study_dir: StudyDir) -> None:
+    from sweeper.results.best import summary
+
+    path = study_dir.write(confirming(1, 1, study={"n_trials": 1}))
+    config = load_config(path)
+    kept = study_dir.root / "trial-0.pt"
+    made = confirmed_study(study_dir.root, {0: [0.9, 0.8]}, first={"weights": str(kept)})
+    assert summary(config, made)["best"]["weights"] is None, "a file pushed out of the kept"
+    kept.write_bytes(b"weights")
+    assert summary(config, made)["best"]["weights"] == str(kept)
+
+
+def test_the_weights_of_every_configuration_to_confirm_are_kept(study_dir: StudyDir) -> None:
+    import torch
+
+    from sweeper.run.weights import keep
+
+    config = load_config(study_dir.write(confirming(2, 1, study={"keep_weights": 1})))
+    for number, value in enumerate((0.5, 0.9, 0.7, 0.1)):
+        keep(config, number, value, {"w": torch.zeros(1)})
+    kept = sorted(f.name for f in (study_dir.root / "tiny" / "weights").glob("trial-*.pt"))
+    assert kept == ["trial-1.pt", "trial-2.pt"], "the top_k, though keep_weights is 1"

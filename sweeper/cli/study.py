@@ -362,7 +362,10 @@ def print_best(data: dict[str, Any]) -> None:
                 f"predicted {error['predicted']!r} ({error['confidence']:.2f})"
             )
     if data.get("confirmed"):
-        say(f"confirmed configurations, best mean first ({data['metric']}, mean ± std):")
+        say(
+            f"confirmed configurations, best first ({data['metric']}, mean ± std; "
+            "a configuration with diverged runs ranks below those without):"
+        )
         for entry in data["confirmed"]:
             params = ", ".join(f"{k}={v!r}" for k, v in entry["params"].items())
             say(f"  trial {entry['trial']}: {confirmed_line(entry)}; {params}")
@@ -375,4 +378,7 @@ def confirmed_line(entry: dict[str, Any]) -> str:
         + (f"{run['value']:.4f}" if run["value"] is not None else run["outcome"])
         for run in entry["runs"]
     )
-    return f"{entry['mean']:.4f} ± {entry['std']:.4f} over {len(entry['runs'])} runs ({runs})"
+    total = len(entry["runs"])
+    valued = total - entry.get("diverged", 0)
+    over = f"{valued} runs" if valued == total else f"{valued} of {total} runs"
+    return f"{entry['mean']:.4f} ± {entry['std']:.4f} over {over} ({runs})"

@@ -40,12 +40,16 @@ def record_at_best(trial: FrozenTrial) -> dict[str, Any]:
 
 
 def confirmed(study: optuna.Study) -> list[dict[str, Any]]:
-    """Each configuration the study confirmed (``[confirm]``), best mean first.
+    """Each configuration the study confirmed (``[confirm]``), best first.
 
     One entry per confirmed search trial: its number and params, and the
     mean and sample standard deviation of the values of the trial and its
-    finished confirmations, each run listed with its seed. A run without a
-    value (diverged) is listed, not averaged.
+    finished confirmations, each run listed with its seed. A run that
+    diverged has no value and counts as the worst: a configuration with
+    diverged runs ranks below every configuration with fewer. A
+    configuration with fewer finished runs than the others (confirmations
+    still to run) ranks below them, so a half-confirmed lucky value is never
+    chosen. Then the best mean wins; ties go to the earlier trial.
     """
     if not numbers_with_user_attr(study, CONFIRMS):  # one query: most studies have none
         return []
@@ -73,11 +77,20 @@ def confirmed(study: optuna.Study) -> list[dict[str, Any]]:
                 "params": original.params,
                 "mean": statistics.fmean(values),
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "diverged": len(listed) - len(values),
                 "runs": listed,
             }
         )
+    most = max((len(entry["runs"]) for entry in entries), default=0)
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    entries.sort(key=lambda e: (-e["mean"] if maximize else e["mean"], e["trial"]))
+    entries.sort(
+        key=lambda e: (
+            most - len(e["runs"]),
+            e["diverged"],
+            -e["mean"] if maximize else e["mean"],
+            e["trial"],
+        )
+    )
     return entries
 
 
@@ -123,7 +136,7 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
         "stop_reason": best.user_attrs.get("stop_reason"),
         "gap": best.user_attrs.get("gap", {}),
         "overfit": best.user_attrs.get("overfit"),
-        "weights": best.user_attrs.get("weights"),
+        "weights": _kept_weights(best),
         "confident_errors": best.user_attrs.get("confident_errors", []),
         "confirmed": found[0] if found else None,
         "reproduce": {
@@ -135,6 +148,16 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
         },
     }
     return result
+
+
+def _kept_weights(trial: FrozenTrial) -> str | None:
+    """The file of the trial's kept weights, if it is still there.
+
+    A trial chosen by its confirmations' mean may have been pushed out of
+    the ``keep_weights`` best by value after its weights were saved.
+    """
+    path = trial.user_attrs.get("weights")
+    return path if isinstance(path, str) and Path(path).is_file() else None
 
 
 def versions() -> dict[str, str]:
@@ -186,18 +209,23 @@ def write_best_toml(config: StudyConfig, data: dict[str, Any]) -> Path | None:
 
 
 def _confirmed_table(entry: dict[str, Any]) -> Any:
-    """The confirmed best's spread: mean and standard deviation, each run's trial, seed, value."""
+    """The confirmed best's spread: mean and standard deviation, then one ``[[confirmed.runs]]``
+    per run (trial, seed, value; ``outcome = "diverged"`` and no value for a diverged run)."""
     table = tomlkit.table()
     table.add(tomlkit.comment("chosen by the mean over the search trial and its confirmations"))
     table.add("mean", entry["mean"])
     table.add("std", entry["std"])
-    runs = entry["runs"]
-    table.add("trials", [run["trial"] for run in runs])
-    table.add("seeds", [run["seed"] for run in runs if run["seed"] is not None])
-    table.add("values", [run["value"] for run in runs if run["value"] is not None])
-    diverged = [run["trial"] for run in runs if run["value"] is None]
-    if diverged:
-        table.add("diverged", diverged)
+    runs = tomlkit.aot()
+    for run in entry["runs"]:
+        row = tomlkit.table()
+        row.add("trial", run["trial"])
+        if run["seed"] is not None:
+            row.add("seed", run["seed"])
+        if run["value"] is not None:
+            row.add("value", run["value"])
+        row.add("outcome", run["outcome"])
+        runs.append(row)
+    table.add("runs", runs)
     return table
 
 

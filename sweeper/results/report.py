@@ -194,7 +194,9 @@ def _confirmed(config: StudyConfig, study: optuna.Study) -> str:
     return (
         '<section id="confirmed"><h2>Confirmed configurations</h2>'
         f"<p>The best configurations of the search, each run again with new seeds; the best "
-        f"is chosen by the mean of {html.escape(config.study.metric)} over its runs.</p>"
+        f"is chosen by the mean of {html.escape(config.study.metric)} over its runs. A run "
+        "that diverged counts as the worst: a configuration with diverged runs ranks below "
+        "every configuration with fewer.</p>"
         f"<table><tr>{head}</tr>{''.join(rows)}</table></section>"
     )
 

@@ -32,6 +32,8 @@ def keep(config: StudyConfig, number: int, value: float, state: dict[str, Any]) 
     k = config.study.keep_weights
     if k == 0:
         return None
+    if config.confirm is not None:  # the chosen best is one of the top_k, by mean
+        k = max(k, config.confirm.top_k)
     folder = weights_dir(config)
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(folder / "index.lock"):
