@@ -65,10 +65,13 @@ def test_study_view_shows_slots_and_the_study_line() -> None:
         snapshot(1, TrialState.PRUNED),
         snapshot(2, TrialState.FAIL),
         running,
+        snapshot(4, TrialState.COMPLETE, 0.95, confirms=0, confirm_seed=1),  # a lucky seed
     ]
     console = Console(record=True, width=120)
     console.print(study_view(Snapshot(trials, 10), "val_acc", True, elapsed=60.0))
     text = " ".join(console.export_text().split())
     assert "cuda:1" in text and "1/40" in text and "0.7500" in text
-    assert "2/10 finished (1 pruned), 1 failed, 1 running; best val_acc=0.8000" in text
+    assert "2/10 finished (1 pruned), 1 failed, 1 running; best val_acc=0.8000" in text, (
+        "the best of the search: a confirmation's lucky seed is not a new best"
+    )
     assert "about 240 s left" in text

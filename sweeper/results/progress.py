@@ -125,7 +125,9 @@ def study_view(snapshot: Snapshot, metric: str, maximize: bool, elapsed: float) 
             f"{now - started:.0f} s",
         )
     finished = snapshot.finished
-    values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    values = [
+        t.value for t in snapshot.search if t.state == TrialState.COMPLETE and t.value is not None
+    ]
     best = (max if maximize else min)(values) if values else None
     left = ""
     if 0 < finished < n_trials:
