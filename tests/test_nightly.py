@@ -515,3 +515,48 @@ def test_a_parameter_only_one_night_has_is_shown_absent_on_the_other() -> None:
         "changed_params": {"momentum": {"before": 0.9}, "warmup": {"after": None}},
     }
     assert describe(summary)[1:] == ["  momentum: 0.9 -> absent", "  warmup: absent -> None"]
+
+
+def add_night(study_dir: StudyDir, date: str, search: list[float], runs: list[float]) -> None:
+    """A finished night: search trials of these values, then confirmations of its first."""
+    made = optuna.create_study(
+        study_name=f"tiny@{date}", storage=f"sqlite:///{study_dir.db}", direction="maximize"
+    )
+    space = {"lr": FloatDistribution(1e-3, 1.0)}
+    for number, value in enumerate(search):
+        params = {"lr": 0.01 * (number + 1)}
+        made.add_trial(optuna.trial.create_trial(value=value, params=params, distributions=space))
+    for seed, value in enumerate(runs, start=1):
+        made.add_trial(
+            optuna.trial.create_trial(
+                value=value,
+                params={"lr": 0.01},
+                distributions=space,
+                user_attrs={"confirms": 0, "confirm_seed": seed},
+            )
+        )
+
+
+def test_with_confirm_a_night_is_judged_by_its_mean_not_by_a_lucky_seed(
+    study_dir: StudyDir,
+) -> None:
+    import datetime as dt
+
+    from sweeper.config import load_config
+    from sweeper.nightly.night import earlier_night, summarize
+    from sweeper.store import load_named
+
+    data = nightly_study("http://127.0.0.1:9/hook")
+    data["confirm"] = {"top_k": 1, "seeds": 2}
+    config = load_config(study_dir.write(data))
+    add_night(study_dir, "2026-11-20", [0.80, 0.70], [0.99, 0.81])  # mean 0.8667, a lucky 0.99
+    add_night(study_dir, "2026-11-21", [0.85, 0.60], [0.86, 0.87])  # mean 0.86
+    tonight = config.for_night(dt.date(2026, 11, 21))
+    previous = earlier_night(config, dt.date(2026, 11, 21))
+    assert previous is not None
+    assert [t.number for t in previous.best] == [0, 1], "warm start: search trials only"
+    summary = summarize(tonight, load_named(config, "tiny@2026-11-21"), previous)
+    assert summary["best_value"] == pytest.approx(0.86)
+    assert summary["previous_best_value"] == pytest.approx((0.80 + 0.99 + 0.81) / 3)
+    assert summary["status"] == "steady", summary
+    assert (summary["trials"], summary["confirmations"]) == (2, 2)

@@ -41,10 +41,33 @@ WARM_START_ATTR = "warm_start"
 
 @dataclass(frozen=True)
 class EarlierNight:
-    """A finished earlier night: its date and its complete trials, best first."""
+    """A finished earlier night: its date, its complete search trials best first (what
+    tonight's warm start takes), and its result as tonight's is judged (:func:`result`)."""
 
     date: dt.date
     best: list[FrozenTrial]
+    chosen: FrozenTrial | None = None
+    score: float | None = None
+
+    @property
+    def judged(self) -> tuple[FrozenTrial, float]:
+        """The night's chosen best and the figure it is compared by."""
+        chosen = self.chosen or self.best[0]
+        score = self.score if self.score is not None else chosen.value
+        assert score is not None
+        return chosen, score
+
+
+def result(study: optuna.Study) -> tuple[FrozenTrial | None, float | None]:
+    """A night's chosen best and the figure nights are compared by: with ``[confirm]``,
+    its configuration's mean over its runs (a lucky seed is no progress); else its value."""
+    from sweeper.results.best import best_trial, confirmed
+
+    found = confirmed(study)
+    best = best_trial(study, found)
+    if best is None:
+        return None, None
+    return best, found[0]["mean"] if found else best.value
 
 
 def today(config: StudyConfig) -> dt.date:
@@ -158,10 +181,14 @@ def earlier_night(config: StudyConfig, night: dt.date) -> EarlierNight | None:
     for date, name in sorted(nights(config).items(), reverse=True):
         if date >= night:
             continue
-        complete = _load(config, name).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        study = _load(config, name)
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        complete = [t for t in complete if not store.is_confirmation(t)]
         if complete:
             maximize = config.study.direction == "maximize"
-            return EarlierNight(date, sorted(complete, key=_value, reverse=maximize))
+            chosen, score = result(study)
+            best = sorted(complete, key=_value, reverse=maximize)
+            return EarlierNight(date, best, chosen, score)
     return None
 
 
@@ -272,30 +299,31 @@ def summarize(
     tonight: StudyConfig, study: optuna.Study, previous: EarlierNight | None
 ) -> dict[str, Any]:
     """The night's result against the night before: best, delta, changed params, counts."""
-    from sweeper.results.best import best_trial
     from sweeper.results.report import duration
-    from sweeper.store import counts
 
-    best = best_trial(study)
-    count = counts(study)
+    best, score = result(study)
+    trials = study.get_trials(deepcopy=False)
+    search = [t for t in trials if not store.is_confirmation(t)]
+    count = {state: sum(t.state == state for t in search) for state in TrialState}
     maximize = tonight.study.direction == "maximize"
     summary: dict[str, Any] = {
         "study": tonight.base_name,
         "night": tonight.night.isoformat() if tonight.night else None,
         "metric": tonight.study.metric,
         "direction": tonight.study.direction,
-        "best_value": best.value if best else None,
+        "best_value": score,
         "best_trial": best.number if best else None,
         "best_params": best.params if best else {},
         "previous_night": previous.date.isoformat() if previous else None,
-        "previous_best_value": previous.best[0].value if previous else None,
+        "previous_best_value": previous.judged[1] if previous else None,
         "delta": None,
         "changed_params": {},
-        "trials": count["complete"] + count["pruned"],
-        "complete": count["complete"],
-        "pruned": count["pruned"],
-        "failed": count["fail"],
-        "duration_s": round(duration(study.get_trials(deepcopy=False)).total_seconds(), 1),
+        "trials": count[TrialState.COMPLETE] + count[TrialState.PRUNED],
+        "complete": count[TrialState.COMPLETE],
+        "pruned": count[TrialState.PRUNED],
+        "failed": count[TrialState.FAIL],
+        "confirmations": len(trials) - len(search),
+        "duration_s": round(duration(trials).total_seconds(), 1),
         "tolerance": tonight.schedule.regression_tolerance,
         "warm_start": study.user_attrs.get(WARM_START_ATTR, []),
     }
@@ -305,9 +333,9 @@ def summarize(
     if previous is None:
         summary["status"] = "first"
         return summary
-    before = previous.best[0]
-    assert best.value is not None and before.value is not None
-    delta = best.value - before.value
+    before, before_score = previous.judged
+    assert score is not None
+    delta = score - before_score
     worse = -delta if maximize else delta
     summary["delta"] = delta
     summary["changed_params"] = {  # a side is left out where the best lacks the parameter
