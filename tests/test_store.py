@@ -225,3 +225,26 @@ def test_passwords_are_masked_wherever_they_are_in_a_url() -> None:
     assert "secret" not in mask_url("postgresql://db/study?password=secret&sslmode=require")
     assert "sslmode=require" in mask_url("postgresql://db/study?password=secret&sslmode=require")
     assert mask_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def test_a_search_trial_left_waiting_is_not_run_once_the_search_is_done(
+    study_dir: StudyDir,
+) -> None:
+    from sweeper.store import enqueue_confirmations
+
+    config = make(study_dir, study={"n_trials": 2}, confirm={"top_k": 1, "seeds": 1})
+    created = create_or_resume(config)
+    for value in (0.5, 0.6):
+        created.tell(take(created, config), value)
+    created.enqueue_trial({"lr": 0.1, "hidden": 8})  # a retry no longer needed
+    assert enqueue_confirmations(created, config) == 1
+    confirmation = take(created, config)
+    assert confirmation is not None and confirmation.user_attrs.get("confirms") == 1
+    surplus = created.trials[2]
+    assert surplus.state == TrialState.FAIL
+    assert surplus.user_attrs["stop_reason"] == (
+        "interrupted: not run: the search already had its 2 finished trials"
+    )
+    created.tell(confirmation, 0.55)
+    assert take(created, config) is None
+    assert Snapshot(created.trials, 2, since=0).failures() == [], "not the task's failure"

@@ -255,7 +255,7 @@ def claim(
     and :class:`SamplerFailed` says why.
     """
     from sweeper.plugins import sampler_for, trial_seed
-    from sweeper.store.outcomes import Snapshot, fail_orphans
+    from sweeper.store.outcomes import Snapshot, drop_surplus, fail_orphans
     from sweeper.store.stops import stop_request
 
     if stop_request(study) is not None:
@@ -263,6 +263,9 @@ def claim(
     fail_orphans(study, owner.host, asker=owner.worker)
     trials = study.get_trials(deepcopy=False)
     now = Snapshot(trials, config.study.n_trials, since or 0)
+    if drop_surplus(study, now):
+        trials = study.get_trials(deepcopy=False)
+        now = Snapshot(trials, config.study.n_trials, since or 0)
     if now.finished + now.search_running >= config.study.n_trials and not (
         now.confirmations_waiting  # the search is done: only its confirmations are left
     ):

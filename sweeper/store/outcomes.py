@@ -181,6 +181,28 @@ def recover(study: optuna.Study, config: StudyConfig) -> list[int]:
         return fail_orphans(study, socket.gethostname())
 
 
+def drop_surplus(study: optuna.Study, now: Snapshot) -> list[int]:
+    """Fail the search trials still WAITING once the search is done and its confirmations
+    wait (``[confirm]``); their numbers. Call under the claim lock.
+
+    A retry enqueued while the last trials were finishing is no longer needed;
+    left WAITING, Optuna would hand it out before the confirmations, and the
+    search would run one trial too many. Without confirmations waiting, a
+    waiting trial stays for a later run with a larger ``n_trials``.
+    """
+    if now.finished < now.n_trials or not now.confirmations_waiting:
+        return []
+    storage = storage_of(study)
+    reason = f"{INTERRUPTED}: not run: the search already had its {now.n_trials} finished trials"
+    dropped = []
+    for trial in now.search:
+        if trial.state == TrialState.WAITING:
+            storage.set_trial_user_attr(trial_id(trial), "stop_reason", reason)
+            if storage.set_trial_state_values(trial_id(trial), TrialState.FAIL):
+                dropped.append(trial.number)
+    return dropped
+
+
 def fail_stale(study: optuna.Study) -> list[int]:
     """Fail and enqueue again the trials whose heartbeat has been silent too long; their numbers.
 
