@@ -25,7 +25,10 @@ cnn four times), so a pruner can act within the first epoch. Settings: ``none``
 and no ``[divergence]``: what a study file without them gets), ``median`` and
 ``percentile`` (25: only the top quarter is kept) with 2 start-up trials,
 ``asha`` (successive halving, reduction factor 3, rungs in optimizer steps at
-1/27, 1/9, 1/3 of a full trial) and ``hyperband`` (the same rungs, 4 brackets).
+1/27, 1/9, 1/3 of a full trial), ``asha-auto`` (Optuna's successive halving as it
+comes: reduction factor 4, the first rung at 1/100 of the first finished trial's
+steps, nothing known in advance) and ``hyperband`` (the rungs of ``asha``, 4
+brackets).
 All but ``none`` keep the divergence guard at its default.
 
 Steps are the optimizer steps each trial ran (``user_attrs["steps"]``, the
@@ -118,7 +121,7 @@ batch_size = 32""",
         (ROOT / "bench" / "pruning_tasks.py",),
     ),
 }
-SETTINGS = ("none", "default", "median", "percentile", "asha", "hyperband")
+SETTINGS = ("none", "default", "median", "percentile", "asha", "asha-auto", "hyperband")
 STUDY = """
 [study]
 name = "bench"
@@ -151,6 +154,7 @@ def pruner_sections(setting: str, steps: int) -> str:
         "median": '[pruner]\nname = "median"\nn_startup_trials = 2\n',
         "percentile": '[pruner]\nname = "percentile"\npercentile = 25.0\nn_startup_trials = 2\n',
         "asha": f'[pruner]\nname = "asha"\nmin_resource = {rung}\nreduction_factor = 3\n',
+        "asha-auto": '[pruner]\nname = "asha"\n',
         "hyperband": (
             f'[pruner]\nname = "hyperband"\nmin_resource = {rung}\nmax_resource = {steps}\n'
             "reduction_factor = 3\n"

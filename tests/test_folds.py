@@ -78,17 +78,23 @@ def test_a_custom_task_must_say_it_splits_folds(study_dir: StudyDir) -> None:
 
 
 def test_text_task_cross_validates_over_train_and_val(study_dir: StudyDir, tmp_path: Path) -> None:
-    data = text_study(study_dir.root, tiny_bert(tmp_path / "bert"))
+    """Full fine-tuning and LoRA alike: each fold a full run, its value the mean of the folds."""
+    search = {"learning_rate": 5e-3, "batch_size": 16, "lora_r": {"choices": [0, 4]}}
+    data = text_study(study_dir.root, tiny_bert(tmp_path / "bert"), search=search)
     data["validation"] = {"folds": 3}
-    data["study"]["n_trials"] = 1
+    data["sampler"] = {"name": "grid"}
     result = run_sweeper("start", str(study_dir.write(data)))
     assert result.returncode == 0, result.stdout + result.stderr
-    (trial,) = optuna.load_study(
+    trials = optuna.load_study(
         study_name="text", storage=f"sqlite:///{study_dir.root / 'text.db'}"
     ).trials
-    assert trial.state == TrialState.COMPLETE
-    assert len(trial.user_attrs["fold_values"]) == 3
-    assert trial.value == pytest.approx(sum(trial.user_attrs["fold_values"]) / 3)
-    assert sorted(trial.intermediate_values) == [0, 1, 2]
-    # Each fold validates on a third of the 208 pooled examples.
-    assert trial.user_attrs["steps"] == 3 * 3 * 9  # 3 folds x 3 epochs x ceil(139 / 16) steps
+    assert sorted(t.params["lora_r"] for t in trials) == [0, 4]
+    for trial in trials:
+        assert trial.state == TrialState.COMPLETE
+        assert len(trial.user_attrs["fold_values"]) == 3
+        assert trial.value == pytest.approx(sum(trial.user_attrs["fold_values"]) / 3)
+        assert sorted(trial.intermediate_values) == [0, 1, 2]
+        # Each fold validates on a third of the 208 pooled examples.
+        assert trial.user_attrs["steps"] == 3 * 3 * 9  # 3 folds x 3 epochs x ceil(139 / 16)
+    lora = next(t for t in trials if t.params["lora_r"] == 4)
+    assert lora.user_attrs["trainable_params"] * 5 < lora.user_attrs["total_params"]
