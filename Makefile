@@ -10,6 +10,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 QUICKSTART ?= studies/quickstart.toml
+# Test workers (pytest-xdist), a test file to each: most tests wait on real sweeps
+# in other processes, so two workers halve the suite's time even on two cores.
+TEST_WORKERS ?= 2
 
 .PHONY: install quickstart test lint browser docs
 
@@ -42,4 +45,4 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium tmux >/dev/null; }
 
 test: lint browser docs
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
