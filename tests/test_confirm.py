@@ -114,8 +114,7 @@ def test_a_sweep_confirms_its_best_with_new_seeds_and_chooses_by_the_mean(
     assert [r["trial"] for r in best["confirmed"]["runs"]] == [
         r["trial"] for r in entries[0]["runs"]
     ]
-    if "weights" in best["best"]:
-        assert Path(best["best"]["weights"]).is_file(), "best.toml names weights that exist"
+    assert Path(best["best"]["weights"]).is_file(), "the chosen configuration's weights"
     report = (study_dir.root / "tiny" / "report.html").read_text()
     assert "Confirmed configurations" in report
     assert f"{entries[0]['mean']:.6g} ± {entries[0]['std']:.3g}" in report
@@ -290,11 +289,11 @@ def test_each_confirmation_is_a_full_k_fold_trial(study_dir: StudyDir) -> None:
 
 
 def confirmed_study(
-    tmp_path: Path, runs: dict[int, list[float | None]], first: dict | None = None
+    tmp_path: Path, runs: dict[int, list[float | str | None]], first: dict | None = None
 ) -> optuna.Study:
     """A real study of search trials 0, 1, ... (each value the first of its runs; trial 0
     with user attributes ``first``) and, after them, the confirmations of each: ``None``
-    is a run that diverged."""
+    is a run that diverged, ``"waiting"`` one not run yet."""
     db = f"sqlite:///{tmp_path / 'tiny.db'}"
     made = optuna.create_study(study_name="tiny", storage=db, direction="maximize")
     space = {"lr": FloatDistribution(0.0, 10.0)}
@@ -310,7 +309,9 @@ def confirmed_study(
     for number, values in sorted(runs.items()):
         for seed, value in enumerate(values[1:], start=1):
             attrs = {"confirms": number, "confirm_seed": seed, "seed": 100 * number + seed}
-            if value is None:
+            if value == "waiting":
+                made.enqueue_trial({"lr": float(number)}, user_attrs=attrs)
+            elif value is None:
                 made.add_trial(
                     create_trial(
                         state=TrialState.PRUNED,
@@ -322,7 +323,7 @@ def confirmed_study(
             else:
                 made.add_trial(
                     create_trial(
-                        value=value,
+                        value=float(value),
                         params={"lr": float(number)},
                         distributions=space,
                         user_attrs=attrs,
@@ -348,9 +349,19 @@ def test_a_half_confirmed_configuration_is_not_chosen_over_a_confirmed_one(
     from sweeper.results.best import best_trial, confirmed
 
     # trial 1's first confirmation was lucky; its second has not run yet
-    made = confirmed_study(tmp_path, {0: [0.90, 0.91, 0.89], 1: [0.92, 0.99]})
+    made = confirmed_study(tmp_path, {0: [0.90, 0.91, 0.89], 1: [0.92, 0.99, "waiting"]})
     assert [e["trial"] for e in confirmed(made)] == [0, 1]
     assert best_trial(made).number == 0
+
+
+def test_once_every_confirmation_ran_the_best_mean_wins_whatever_its_number_of_runs(
+    tmp_path: Path,
+) -> None:
+    """Run counts differ for good when [confirm] seeds was lowered or a run failed for good."""
+    from sweeper.results.best import best_trial
+
+    made = confirmed_study(tmp_path, {0: [0.80, 0.80, 0.80, 0.80], 1: [0.95, 0.94, 0.96]})
+    assert best_trial(made).number == 1
 
 
 def test_best_toml_lists_each_run_with_its_own_seed_and_value(study_dir: StudyDir) -> None:
@@ -379,6 +390,15 @@ def test_best_names_weights_only_when_their_file_is_there(study_dir: StudyDir) -
     assert summary(config, made)["best"]["weights"] is None, "a file pushed out of the kept"
     kept.write_bytes(b"weights")
     assert summary(config, made)["best"]["weights"] == str(kept)
+    (study_dir.root / "other").mkdir()
+    elsewhere = confirmed_study(
+        study_dir.root / "other",
+        {0: [0.9, 0.8]},
+        first={"weights": "/elsewhere/trial-0.pt", "host": "another-machine"},
+    )
+    assert summary(config, elsewhere)["best"]["weights"] == "/elsewhere/trial-0.pt", (
+        "the weights of a trial another machine ran stay named"
+    )
 
 
 def test_the_weights_of_every_configuration_to_confirm_are_kept(study_dir: StudyDir) -> None:

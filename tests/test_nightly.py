@@ -560,3 +560,21 @@ def test_with_confirm_a_night_is_judged_by_its_mean_not_by_a_lucky_seed(
     assert summary["previous_best_value"] == pytest.approx((0.80 + 0.99 + 0.81) / 3)
     assert summary["status"] == "steady", summary
     assert (summary["trials"], summary["confirmations"]) == (2, 2)
+
+
+def test_the_warm_start_queues_last_nights_chosen_configuration_first() -> None:
+    import datetime as dt
+
+    from sweeper.nightly.night import EarlierNight
+
+    space = {"lr": FloatDistribution(1e-3, 1.0)}
+    made = [
+        optuna.trial.create_trial(value=v, params={"lr": lr}, distributions=space)
+        for v, lr in ((0.9, 0.1), (0.8, 0.2), (0.7, 0.3))
+    ]
+    for number, trial in enumerate(made):
+        trial.number = number
+    night = EarlierNight(dt.date(2026, 11, 20), made, chosen=made[1], score=0.85)
+    assert [t.number for t in night.ranked] == [1, 0, 2], "chosen by its mean: first"
+    assert night.judged == (made[1], 0.85)
+    assert [t.number for t in EarlierNight(night.date, made).ranked] == [0, 1, 2]

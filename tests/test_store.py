@@ -227,24 +227,26 @@ def test_passwords_are_masked_wherever_they_are_in_a_url() -> None:
     assert mask_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
 
 
-def test_a_search_trial_left_waiting_is_not_run_once_the_search_is_done(
-    study_dir: StudyDir,
-) -> None:
+def test_a_retry_left_waiting_is_not_run_once_the_search_is_done(study_dir: StudyDir) -> None:
     from sweeper.store import enqueue_confirmations
 
     config = make(study_dir, study={"n_trials": 2}, confirm={"top_k": 1, "seeds": 1})
+    wider = make(study_dir, study={"n_trials": 3})
     created = create_or_resume(config)
     for value in (0.5, 0.6):
         created.tell(take(created, config), value)
-    created.enqueue_trial({"lr": 0.1, "hidden": 8})  # a retry no longer needed
+    lost = take(created, wider)  # a third trial, interrupted: its retry waits
+    assert fail_trial(created, wider, lost.number, "interrupted: gone", retries=None)
     assert enqueue_confirmations(created, config) == 1
     confirmation = take(created, config)
     assert confirmation is not None and confirmation.user_attrs.get("confirms") == 1
-    surplus = created.trials[2]
-    assert surplus.state == TrialState.FAIL
-    assert surplus.user_attrs["stop_reason"] == (
+    retry = created.trials[3]
+    assert retry.state == TrialState.FAIL
+    assert retry.user_attrs["stop_reason"] == (
         "interrupted: not run: the search already had its 2 finished trials"
     )
     created.tell(confirmation, 0.55)
+    created.enqueue_trial({"lr": 0.1, "hidden": 8})  # on purpose: kept for a later run
     assert take(created, config) is None
+    assert created.trials[-1].state == TrialState.WAITING
     assert Snapshot(created.trials, 2, since=0).failures() == [], "not the task's failure"

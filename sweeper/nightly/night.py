@@ -50,6 +50,14 @@ class EarlierNight:
     score: float | None = None
 
     @property
+    def ranked(self) -> list[FrozenTrial]:
+        """Its complete search trials best first, its chosen configuration (``[confirm]``)
+        at the head: what tonight's warm start queues."""
+        if self.chosen is None:
+            return self.best
+        return [self.chosen, *(t for t in self.best if t.number != self.chosen.number)]
+
+    @property
     def judged(self) -> tuple[FrozenTrial, float]:
         """The night's chosen best and the figure it is compared by."""
         chosen = self.chosen or self.best[0]
@@ -276,7 +284,7 @@ def warm_start(
     elif top_k:
         space = parse_space(tonight.search, tonight.path)
         seen: list[dict[str, Any]] = []
-        for trial in previous.best:
+        for trial in previous.ranked:
             if len(seen) == top_k:
                 break
             fitted, changes = fit_to_space(trial.params, space)
@@ -303,8 +311,8 @@ def summarize(
 
     best, score = result(study)
     trials = study.get_trials(deepcopy=False)
-    search = [t for t in trials if not store.is_confirmation(t)]
-    count = {state: sum(t.state == state for t in search) for state in TrialState}
+    now = store.Snapshot(trials, tonight.study.n_trials)
+    count = now.search_counts
     maximize = tonight.study.direction == "maximize"
     summary: dict[str, Any] = {
         "study": tonight.base_name,
@@ -318,11 +326,11 @@ def summarize(
         "previous_best_value": previous.judged[1] if previous else None,
         "delta": None,
         "changed_params": {},
-        "trials": count[TrialState.COMPLETE] + count[TrialState.PRUNED],
-        "complete": count[TrialState.COMPLETE],
-        "pruned": count[TrialState.PRUNED],
-        "failed": count[TrialState.FAIL],
-        "confirmations": len(trials) - len(search),
+        "trials": now.finished,
+        "complete": count["complete"],
+        "pruned": count["pruned"],
+        "failed": count["fail"],
+        "confirmations": now.confirmations_finished,
         "duration_s": round(duration(trials).total_seconds(), 1),
         "tolerance": tonight.schedule.regression_tolerance,
         "warm_start": study.user_attrs.get(WARM_START_ATTR, []),
@@ -388,14 +396,13 @@ def history(config: StudyConfig) -> list[dict[str, Any]]:
         study = _load(config, name)
         summary = study.user_attrs.get(SUMMARY_ATTR)
         if summary is None:
-            from sweeper.store import counts
-
-            count = counts(study)
+            now = store.snapshot(study, config.study.n_trials)
+            count = now.search_counts
             summary = {
                 "night": date.isoformat(),
                 "best_value": None,
                 "delta": None,
-                "trials": count["complete"] + count["pruned"],
+                "trials": now.finished,
                 "pruned": count["pruned"],
                 "failed": count["fail"],
                 "duration_s": None,

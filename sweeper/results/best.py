@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import socket
 import statistics
 from importlib import metadata
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import optuna
 import tomlkit
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from sweeper import __version__
 from sweeper.atomic import write_text
@@ -22,6 +23,7 @@ from sweeper.run.weights import load_hint
 from sweeper.store import (
     CONFIRMS,
     confirmation_groups,
+    confirms,
     counts,
     numbers_with_user_attr,
     outcome,
@@ -47,14 +49,19 @@ def confirmed(study: optuna.Study) -> list[dict[str, Any]]:
     finished confirmations, each run listed with its seed. A run that
     diverged has no value and counts as the worst: a configuration with
     diverged runs ranks below every configuration with fewer. A
-    configuration with fewer finished runs than the others (confirmations
-    still to run) ranks below them, so a half-confirmed lucky value is never
-    chosen. Then the best mean wins; ties go to the earlier trial.
+    configuration whose confirmations are still waiting or running ranks
+    below those whose are all finished, so a half-confirmed lucky value is
+    never chosen. Then the best mean wins; ties go to the earlier trial.
     """
     if not numbers_with_user_attr(study, CONFIRMS):  # one query: most studies have none
         return []
     trials = study.get_trials(deepcopy=False)
     groups = confirmation_groups(trials)
+    pending = {
+        mark[0]
+        for t in trials
+        if t.state in (TrialState.RUNNING, TrialState.WAITING) and (mark := confirms(t))
+    }
     entries: list[dict[str, Any]] = []
     for number, runs in groups.items():
         original = trials[number]  # a study's trials are numbered 0, 1, ... in order
@@ -81,11 +88,10 @@ def confirmed(study: optuna.Study) -> list[dict[str, Any]]:
                 "runs": listed,
             }
         )
-    most = max((len(entry["runs"]) for entry in entries), default=0)
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     entries.sort(
         key=lambda e: (
-            most - len(e["runs"]),
+            e["trial"] in pending,
             e["diverged"],
             -e["mean"] if maximize else e["mean"],
             e["trial"],
@@ -151,13 +157,18 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
 
 
 def _kept_weights(trial: FrozenTrial) -> str | None:
-    """The file of the trial's kept weights, if it is still there.
+    """The file of the trial's kept weights, unless it is gone from this machine.
 
     A trial chosen by its confirmations' mean may have been pushed out of
-    the ``keep_weights`` best by value after its weights were saved.
+    the ``keep_weights`` best by value after its weights were saved. The
+    weights of a trial another machine ran are on that machine: named as
+    they are.
     """
     path = trial.user_attrs.get("weights")
-    return path if isinstance(path, str) and Path(path).is_file() else None
+    if not isinstance(path, str):
+        return None
+    here = trial.user_attrs.get("host") in (None, socket.gethostname())
+    return None if here and not Path(path).is_file() else path
 
 
 def versions() -> dict[str, str]:
@@ -212,7 +223,12 @@ def _confirmed_table(entry: dict[str, Any]) -> Any:
     """The confirmed best's spread: mean and standard deviation, then one ``[[confirmed.runs]]``
     per run (trial, seed, value; ``outcome = "diverged"`` and no value for a diverged run)."""
     table = tomlkit.table()
-    table.add(tomlkit.comment("chosen by the mean over the search trial and its confirmations"))
+    table.add(
+        tomlkit.comment(
+            "chosen by the mean over the search trial and its confirmations; "
+            "a diverged run counts as the worst"
+        )
+    )
     table.add("mean", entry["mean"])
     table.add("std", entry["std"])
     runs = tomlkit.aot()

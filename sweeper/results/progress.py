@@ -107,7 +107,7 @@ def study_view(snapshot: Snapshot, metric: str, maximize: bool, elapsed: float) 
     for column in ("slot", "device", "trial", "epoch/step", metric, "elapsed"):
         table.add_column(column)
     now = time.time()
-    trials, n_trials, counts = snapshot.trials, snapshot.n_trials, snapshot.counts
+    trials, n_trials, counts = snapshot.trials, snapshot.n_trials, snapshot.search_counts
     running = sorted(
         (t for t in trials if t.state == TrialState.RUNNING and "slot" in t.user_attrs),
         key=lambda t: t.user_attrs["slot"],
@@ -134,7 +134,7 @@ def study_view(snapshot: Snapshot, metric: str, maximize: bool, elapsed: float) 
         left = f", about {elapsed / finished * (n_trials - finished):.0f} s left"
     table.caption = (
         f"{finished}/{n_trials} finished ({counts['pruned']} pruned), "
-        f"{counts['fail']} failed, {counts['running']} running; "
+        f"{counts['fail']} failed, {snapshot.counts['running']} running; "
         f"best {describe_value(metric, best)}; {elapsed:.0f} s elapsed{left}"
     )
     table.caption_justify = "left"

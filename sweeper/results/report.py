@@ -147,10 +147,10 @@ def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTr
         value = f"{best.value:.6g} (trial {best.number})"
         if confirmations:
             entry = confirmations[0]
-            value += (
-                f"; mean over its {len(entry['runs'])} runs "
-                f"{entry['mean']:.6g} ± {entry['std']:.3g}"
-            )
+            total = len(entry["runs"])
+            valued = total - entry["diverged"]
+            over = f"{valued} runs" if valued == total else f"{valued} of its {total} runs"
+            value += f"; mean over {over} {entry['mean']:.6g} ± {entry['std']:.3g}"
         rows.insert(0, ("best value", value))
         rows.insert(
             1, ("best params", ", ".join(f"{k} = {_short(v)}" for k, v in best.params.items()))

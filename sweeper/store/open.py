@@ -12,6 +12,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -120,6 +121,11 @@ def retrying(retries: int | None) -> RetryHeartbeatStaleTrialCallback:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RetryHeartbeatStaleTrialCallback(max_retry=retries)
+
+
+def is_retry(trial: FrozenTrial) -> bool:
+    """A trial :func:`retrying` enqueued: another trial's params, run again."""
+    return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial) is not None
 
 
 def open_storage(

@@ -24,7 +24,7 @@ from sweeper.store._compat import (
 )
 from sweeper.store.claims import Owner, claim_lock
 from sweeper.store.confirm import is_confirmation
-from sweeper.store.open import GRACE_PERIOD, retrying
+from sweeper.store.open import GRACE_PERIOD, is_retry, retrying
 from sweeper.store.queries import trials_per_state
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -182,13 +182,14 @@ def recover(study: optuna.Study, config: StudyConfig) -> list[int]:
 
 
 def drop_surplus(study: optuna.Study, now: Snapshot) -> list[int]:
-    """Fail the search trials still WAITING once the search is done and its confirmations
-    wait (``[confirm]``); their numbers. Call under the claim lock.
+    """Fail the retries still WAITING once the search is done and its confirmations wait
+    (``[confirm]``); their numbers. Call under the claim lock.
 
     A retry enqueued while the last trials were finishing is no longer needed;
     left WAITING, Optuna would hand it out before the confirmations, and the
-    search would run one trial too many. Without confirmations waiting, a
-    waiting trial stays for a later run with a larger ``n_trials``.
+    search would run one trial too many. A trial enqueued on purpose (by a user,
+    a warm start) is left as it is; without confirmations waiting, so is a retry,
+    for a later run with a larger ``n_trials``.
     """
     if now.finished < now.n_trials or not now.confirmations_waiting:
         return []
@@ -196,10 +197,11 @@ def drop_surplus(study: optuna.Study, now: Snapshot) -> list[int]:
     reason = f"{INTERRUPTED}: not run: the search already had its {now.n_trials} finished trials"
     dropped = []
     for trial in now.search:
-        if trial.state == TrialState.WAITING:
-            storage.set_trial_user_attr(trial_id(trial), "stop_reason", reason)
-            if storage.set_trial_state_values(trial_id(trial), TrialState.FAIL):
-                dropped.append(trial.number)
+        if trial.state == TrialState.WAITING and is_retry(trial):
+            with contextlib.suppress(UpdateFinishedTrialError):
+                storage.set_trial_user_attr(trial_id(trial), "stop_reason", reason)
+                if storage.set_trial_state_values(trial_id(trial), TrialState.FAIL):
+                    dropped.append(trial.number)
     return dropped
 
 
@@ -254,6 +256,18 @@ class Snapshot:
     def finished(self) -> int:
         """Finished trials of the search (confirmations do not count toward ``n_trials``)."""
         return sum(t.state in FINISHED for t in self.search)
+
+    @property
+    def search_counts(self) -> dict[str, int]:
+        """Search trials per state, in lower case (confirmations left out)."""
+        found = {state.name.lower(): 0 for state in TrialState}
+        for trial in self.search:
+            found[trial.state.name.lower()] += 1
+        return found
+
+    @property
+    def confirmations_finished(self) -> int:
+        return sum(t.state in FINISHED and is_confirmation(t) for t in self.trials)
 
     @property
     def search_running(self) -> int:
