@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -85,16 +86,17 @@ def join(name: str, path: Path, env: dict[str, str] | None = None) -> subprocess
     )
 
 
-def lose(sweep: subprocess.Popen[str]) -> None:
-    """The whole machine goes at once: every process of its sweep frozen, then killed."""
+def signal_groups(groups: set[int], sig: int) -> None:
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, sig)
+
+
+def freeze(sweep: subprocess.Popen[str]) -> set[int]:
+    """Every process of a machine's sweep stopped at once; their process groups."""
     groups = {os.getpgid(pid) for pid in [sweep.pid, *descendants(sweep.pid)]}
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for group in groups:
-            try:
-                os.killpg(group, sig)
-            except ProcessLookupError:
-                continue
-    sweep.communicate(timeout=30)
+    signal_groups(groups, signal.SIGSTOP)
+    return groups
 
 
 def test_two_machines_share_one_study_and_run_exactly_n_trials(
@@ -158,13 +160,19 @@ def test_a_machine_lost_mid_sweep_is_replaced_and_the_study_ends_exact(
         return on_b if len(done) >= 2 else []
 
     try:
-        wait_for(running_on_b, timeout=120, what="machine-b running a trial")
-        lose(sweeps.pop("machine-b"))
-        # a trial another machine is claiming right now has no owner record yet: it
-        # is written in the claim, under the claim lock, which this read does not take
-        lost = [t for t in trials() if t.state == TrialState.RUNNING]
-        lost = [t for t in lost if t.user_attrs.get("host") == "machine-b"]
+        for _ in range(5):  # the machine goes at once, while one of its trials runs
+            wait_for(running_on_b, timeout=120, what="machine-b running a trial")
+            frozen = freeze(sweeps["machine-b"])
+            # a trial another machine is claiming right now has no owner record yet: it
+            # is written in the claim, under the claim lock, which this read does not take
+            lost = [t for t in trials() if t.state == TrialState.RUNNING]
+            lost = [t for t in lost if t.user_attrs.get("host") == "machine-b"]
+            if lost:
+                break
+            signal_groups(frozen, signal.SIGCONT)  # its trial ended meanwhile: again
         assert lost, "machine-b was running trials when it was lost"
+        signal_groups(frozen, signal.SIGKILL)
+        sweeps.pop("machine-b").communicate(timeout=30)
         sweeps["machine-d"] = join("machine-d", paths["machine-d"], env)
         outputs = {name: sweep.communicate(timeout=180) for name, sweep in sweeps.items()}
     finally:
