@@ -42,11 +42,9 @@ mean best within (or above) the seed spread of no pruning.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +56,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from sweeps import start  # noqa: E402  (bench/sweeps.py, beside this script)
 
 from sweeper.config import DivergenceSection, StudyConfig  # noqa: E402
 
@@ -200,18 +200,7 @@ def run(workload: Workload, setting: str, seed: int, trials: int, workers: int, 
                 workers=workers,
             )
         )
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        started = time.perf_counter()
-        done = subprocess.run(
-            [sys.executable, "-m", "sweeper.cli", "start", str(study_file)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        wall = time.perf_counter() - started
-        if done.returncode != 0:
-            tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
-            raise SystemExit(f"sweeper start exited {done.returncode} ({setting}):\n{tail}")
+        wall = start(study_file, setting)
         study = optuna.load_study(study_name="bench", storage=f"sqlite:///{folder}/bench.db")
         finished = study.get_trials(deepcopy=False)
     values = [t.value for t in finished if t.state == TrialState.COMPLETE and t.value is not None]
