@@ -243,9 +243,7 @@ class Snapshot:
     counts: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.counts = {state.name.lower(): 0 for state in TrialState}
-        for trial in self.trials:
-            self.counts[trial.state.name.lower()] += 1
+        self.counts = _per_state(self.trials)
 
     @property
     def search(self) -> list[FrozenTrial]:
@@ -260,10 +258,7 @@ class Snapshot:
     @property
     def search_counts(self) -> dict[str, int]:
         """Search trials per state, in lower case (confirmations left out)."""
-        found = {state.name.lower(): 0 for state in TrialState}
-        for trial in self.search:
-            found[trial.state.name.lower()] += 1
-        return found
+        return _per_state(self.search)
 
     @property
     def confirmations_finished(self) -> int:
@@ -320,6 +315,13 @@ class Snapshot:
             f"{self.finished} of {self.n_trials} trials finished ({c['fail']} failed, "
             f"{c['running']} running, {c['waiting']} waiting)"
         )
+
+
+def _per_state(trials: list[FrozenTrial]) -> dict[str, int]:
+    found = {state.name.lower(): 0 for state in TrialState}
+    for trial in trials:
+        found[trial.state.name.lower()] += 1
+    return found
 
 
 def snapshot(study: optuna.Study, n_trials: int, since: int = 0) -> Snapshot:
