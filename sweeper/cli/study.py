@@ -378,7 +378,6 @@ def confirmed_line(entry: dict[str, Any]) -> str:
         + (f"{run['value']:.4f}" if run["value"] is not None else run["outcome"])
         for run in entry["runs"]
     )
-    total = len(entry["runs"])
-    valued = total - entry.get("diverged", 0)
-    over = f"{valued} runs" if valued == total else f"{valued} of {total} runs"
-    return f"{entry['mean']:.4f} ± {entry['std']:.4f} over {over} ({runs})"
+    from sweeper.results.best import runs_counted
+
+    return f"{entry['mean']:.4f} ± {entry['std']:.4f} over {runs_counted(entry)} ({runs})"

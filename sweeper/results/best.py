@@ -100,6 +100,14 @@ def confirmed(study: optuna.Study) -> list[dict[str, Any]]:
     return entries
 
 
+def runs_counted(entry: dict[str, Any]) -> str:
+    """``3 runs``, or ``2 of 3 runs`` when one diverged: what an entry of :func:`confirmed`
+    averages over."""
+    total = len(entry["runs"])
+    valued = total - entry["diverged"]
+    return f"{valued} runs" if valued == total else f"{valued} of {total} runs"
+
+
 def best_trial(
     study: optuna.Study, found: list[dict[str, Any]] | None = None
 ) -> FrozenTrial | None:

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
-from sweeper.results.best import best_trial, confirmed, record_at_best
+from sweeper.results.best import best_trial, confirmed, record_at_best, runs_counted
 from sweeper.run.overfitting import describe as describe_overfit
 from sweeper.space import parse_space
 from sweeper.store import has_ended, outcome, read_trials
@@ -147,10 +147,7 @@ def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTr
         value = f"{best.value:.6g} (trial {best.number})"
         if confirmations:
             entry = confirmations[0]
-            total = len(entry["runs"])
-            valued = total - entry["diverged"]
-            over = f"{valued} runs" if valued == total else f"{valued} of its {total} runs"
-            value += f"; mean over {over} {entry['mean']:.6g} ± {entry['std']:.3g}"
+            value += f"; mean over {runs_counted(entry)} {entry['mean']:.6g} ± {entry['std']:.3g}"
         rows.insert(0, ("best value", value))
         rows.insert(
             1, ("best params", ", ".join(f"{k} = {_short(v)}" for k, v in best.params.items()))
