@@ -65,6 +65,8 @@ class DigitsMLP(pl.LightningModule):
         logits = self.net(x)
         self.log("val_loss", nn.functional.cross_entropy(logits, y))
         self.log("val_acc", (logits.argmax(dim=1) == y).float().mean())
+        # the model's size, a second objective for a study of two metrics (digits-tradeoff.toml)
+        self.log("val_params", float(sum(p.numel() for p in self.parameters())))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_name == "sgd":

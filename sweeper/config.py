@@ -59,10 +59,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", **_STRICT)
 
 
+Direction = Literal["maximize", "minimize"]
+MetricName = Annotated[str, Field(min_length=1, max_length=200)]
+MAX_OBJECTIVES = 8
+"""Most metrics one study optimizes at once."""
+
+
 class StudySection(_Section):
     name: str
-    direction: Literal["maximize", "minimize"]
-    metric: str = Field(min_length=1, max_length=200)
+    metric: (
+        MetricName | Annotated[list[MetricName], Field(min_length=1, max_length=MAX_OBJECTIVES)]
+    )
+    """One metric, or a list of them: a study with several objectives (a Pareto front)."""
+    direction: (
+        Direction | Annotated[list[Direction], Field(min_length=1, max_length=MAX_OBJECTIVES)]
+    )
+    """One direction per metric: a list as long as ``metric``'s when that is a list."""
     n_trials: PositiveInt
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     storage: str | None = None
@@ -95,6 +107,52 @@ class StudySection(_Section):
         if value is not None:
             _check_storage(value)
         return value
+
+    @field_validator("metric")
+    @classmethod
+    def _distinct_metrics(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(set(value)) < len(value):
+            twice = sorted({name for name in value if value.count(name) > 1})
+            raise ValueError(f"each metric once; {', '.join(map(repr, twice))} is listed twice")
+        return value
+
+    @field_validator("direction")
+    @classmethod
+    def _one_direction_per_metric(cls, value: str | list[str], info: ValidationInfo) -> Any:
+        metric = info.data.get("metric")
+        if metric is None:
+            return value  # metric is wrong itself; its message says so
+        wanted = len(metric) if isinstance(metric, list) else None
+        given = len(value) if isinstance(value, list) else None
+        if wanted != given:
+            listed = "a list of 1" if wanted == 1 else f"a list of {wanted}"
+            raise ValueError(
+                "one direction per metric: metric is "
+                f"{'one name' if wanted is None else listed}, so direction must be "
+                f"{'one of maximize, minimize' if wanted is None else listed + ' directions'}"
+                f" (got {shown(value)})"
+            )
+        return value
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The study's metrics, the first one first (the one the pruner watches)."""
+        return tuple(self.metric) if isinstance(self.metric, list) else (self.metric,)
+
+    @property
+    def directions(self) -> tuple[Direction, ...]:
+        """One direction per metric of :attr:`metrics`."""
+        return tuple(self.direction) if isinstance(self.direction, list) else (self.direction,)
+
+    @property
+    def multi_objective(self) -> bool:
+        """Several metrics: trials are compared by Pareto dominance, no single best."""
+        return len(self.metrics) > 1
+
+    @property
+    def maximize(self) -> bool:
+        """The first metric's direction is up."""
+        return self.directions[0] == "maximize"
 
 
 class TaskSection(BaseModel):
@@ -393,7 +451,39 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> StudyConfig:
         from sweeper.space import grid_space
 
         grid_space(config.search, path)
+    if config.study.multi_objective:
+        _check_several_objectives(config)
     return config
+
+
+SINGLE_OBJECTIVE = {
+    ("sampler", "cmaes"): "CMA-ES optimizes one metric",
+    ("pruner", "hyperband"): "Hyperband's brackets rank trials by one metric's value",
+}
+"""Plugins that cannot serve a study of several objectives, and why."""
+
+
+def _check_several_objectives(config: StudyConfig) -> None:
+    """Refuse what a study of several metrics cannot do, naming the key."""
+    several = f"study.metric lists {len(config.study.metrics)} metrics"
+    for section in ("sampler", "pruner"):
+        name = getattr(config, section).name
+        why = SINGLE_OBJECTIVE.get((section, name))
+        if why is not None:
+            others = [
+                known
+                for known in (SAMPLERS if section == "sampler" else PRUNERS)
+                if (section, known) not in SINGLE_OBJECTIVE
+            ]
+            raise ConfigError(
+                f"{config.path}: {section}.name: {name} cannot serve a study of several "
+                f"objectives ({several}; {why}); choose one of {', '.join(others)}"
+            )
+    if config.confirm is not None:
+        raise ConfigError(
+            f"{config.path}: confirm: [confirm] chooses one best configuration by its mean, and "
+            f"{several}, which have a Pareto front instead; remove [confirm] or study one metric"
+        )
 
 
 def utf8_text(data: bytes, path: Path, error: type[SweeperError] = ConfigError) -> str:
@@ -526,6 +616,10 @@ def _problem(error: Any) -> tuple[str, str]:
     # Unions report one error per branch; the first branch's message is enough.
     if loc and loc[-1] in {"literal['auto','cpu']", "list[int]"}:
         key = ".".join(loc[:-1])
+    if loc[:2] == ["study", "metric"] or loc[:2] == ["study", "direction"]:
+        return ".".join(loc[:2]), f"{'.'.join(loc[:2])}: {_OBJECTIVE[loc[1]]} (got " + (
+            f"{shown(error.get('input'))})"
+        )
     if loc and loc[0] == "resources" and len(loc) >= 2 and loc[1] == "devices":
         return "resources.devices", (
             'resources.devices: must be "auto", "cpu" or a non-empty list of GPU indices'
@@ -533,6 +627,13 @@ def _problem(error: Any) -> tuple[str, str]:
     value = error.get("input")
     got = f" (got {shown(value)})" if not isinstance(value, dict) else ""
     return key, f"{key}: {error['msg']}{got}"
+
+
+_OBJECTIVE = {
+    "metric": f"a metric's name, or a list of 1 to {MAX_OBJECTIVES} distinct names for several "
+    "objectives",
+    "direction": '"maximize" or "minimize", or a list of them, one per metric',
+}
 
 
 def _model_at(loc: list[str]) -> type[BaseModel]:

@@ -4,8 +4,9 @@ Optuna's GPSampler models COMPLETE trials only: pruned trials, diverged or
 not, are invisible to it, so after trials diverge at large learning rates it
 keeps proposing them (the region looks unexplored). sweeper's ``gp`` sampler
 also sees each diverged trial, as a complete trial at the worst value any
-complete trial reached. (TPE ranks a diverged trial below every feasible one
-through the constraint sweeper sets on it.) Confirmations (``[confirm]``)
+complete trial reached (of each metric, in a study of several). (TPE ranks a
+diverged trial below every feasible one through the constraint sweeper sets
+on it.) Confirmations (``[confirm]``)
 run configurations the search already found again: the ``gp`` sampler's
 model leaves them out, and the pruner never stops one.
 """
@@ -31,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from sweeper.config import StudyConfig, shown
 from sweeper.errors import ConfigError
 from sweeper.space import SearchSpace, ask, grid_space, parse_space
-from sweeper.store import is_diverged
+from sweeper.store import is_diverged, report
 from sweeper.store._compat import gp_sampler_seeing
 from sweeper.store.confirm import is_confirmation
 
@@ -53,12 +54,18 @@ def diverged_as_worst(
     ]
     if not diverged:
         return completed
-    values = [t.value for t in completed if t.value is not None]
-    worst = min(values) if study.direction == StudyDirection.MAXIMIZE else max(values)
+    worst = [
+        min(column) if direction == StudyDirection.MAXIMIZE else max(column)
+        for column, direction in zip(
+            zip(*(t.values for t in completed if t.values), strict=True),
+            study.directions,
+            strict=True,
+        )
+    ]
     return completed + [
         create_trial(
             state=TrialState.COMPLETE,
-            value=worst,
+            values=worst,
             params={name: t.params[name] for name in search_space},
             distributions={name: t.distributions[name] for name in search_space},
         )
@@ -355,16 +362,16 @@ def _exercise(
                         marks |= {value, value + 1} if 0 <= value < _STEPS else set()
                 built[section] = factory(*args, **{**base, **given})
             steps = sorted(marks)
-            direction = config.study.direction
+            directions = list(config.study.directions)
             seeds = optuna.create_study(
-                direction=direction,
+                directions=directions,
                 sampler=optuna.samplers.RandomSampler(seed=0),
                 pruner=optuna.pruners.NopPruner(),
             )
             for number in range(seeded):
                 _run(seeds, space, steps, number)
             study = optuna.create_study(
-                direction=direction, sampler=built["sampler"], pruner=built["pruner"]
+                directions=directions, sampler=built["sampler"], pruner=built["pruner"]
             )
             study.add_trials(seeds.trials)
             for number in range(seeded, seeded + ASKED):
@@ -392,11 +399,13 @@ def _run(study: optuna.Study, space: SearchSpace, steps: list[int], number: int)
     value = 0.0
     for step in steps:
         value = 0.5 + 0.4 * math.sin(1.7 * number + 0.3 * step)
-        trial.report(value, step)
-        if trial.should_prune():
+        if report(study, trial, value, step):
             study.tell(trial, state=TrialState.PRUNED)
             return
-    study.tell(trial, value)
+    others = [
+        0.5 + 0.4 * math.cos(1.3 * number + other) for other in range(1, len(study.directions))
+    ]
+    study.tell(trial, [value, *others])
 
 
 def _whole(value: Any) -> bool:

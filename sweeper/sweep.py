@@ -121,7 +121,7 @@ class EventLines(Observer):
     def __init__(self, config: StudyConfig, emit: Callable[[str], None]) -> None:
         from sweeper.results.progress import EventLog
 
-        self.log = EventLog(config.study.metric, config.study.direction == "maximize", emit)
+        self.log = EventLog(config.study.metrics, config.study.maximize, emit)
 
     def created(self, study: Any) -> None:
         from sweeper.store import read_trials
@@ -149,8 +149,8 @@ class LiveView(Observer):
         self.show(
             study_view(
                 snapshot,
-                study.metric,
-                study.direction == "maximize",
+                study.metrics[0],
+                study.maximize,
                 time.monotonic() - self.began,
             )
         )

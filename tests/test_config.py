@@ -57,6 +57,57 @@ CASES = {
     "wrong type": (study(study={"n_trials": "ten"}), ["study.n_trials:", "'ten'"]),
     "zero trials": (study(study={"n_trials": 0}), ["study.n_trials:", "greater than 0"]),
     "bad direction": (study(study={"direction": "up"}), ["study.direction:", "'up'"]),
+    "two metrics, one direction": (
+        study(study={"metric": ["val_acc", "val_loss"]}),
+        ["study.direction: one direction per metric", "a list of 2 directions", "'maximize'"],
+    ),
+    "two metrics, three directions": (
+        study(
+            study={"metric": ["val_acc", "val_loss"], "direction": ["maximize", "minimize"] * 2}
+        ),
+        ["study.direction: one direction per metric", "a list of 2 directions"],
+    ),
+    "one metric, a list of directions": (
+        study(study={"direction": ["maximize"]}),
+        ["study.direction: one direction per metric: metric is one name"],
+    ),
+    "a metric listed twice": (
+        study(study={"metric": ["val_acc", "val_acc"], "direction": ["maximize", "maximize"]}),
+        ["study.metric: each metric once; 'val_acc' is listed twice"],
+    ),
+    "an empty list of metrics": (
+        study(study={"metric": [], "direction": []}),
+        ["study.metric: a metric's name, or a list of 1 to 8", "(got [])"],
+    ),
+    "a metric that is no text": (
+        study(study={"metric": ["val_acc", 3], "direction": ["maximize", "minimize"]}),
+        ["study.metric: a metric's name", "(got ['val_acc', 3])"],
+    ),
+    "a direction of several that is no direction": (
+        study(study={"metric": ["val_acc", "val_loss"], "direction": ["maximize", "down"]}),
+        ['study.direction: "maximize" or "minimize", or a list of them', "'down'"],
+    ),
+    "CMA-ES with several metrics": (
+        study(
+            study={"metric": ["val_acc", "val_loss"], "direction": ["maximize", "minimize"]},
+            sampler={"name": "cmaes"},
+        ),
+        ["sampler.name: cmaes cannot serve a study of several objectives", "choose one of tpe"],
+    ),
+    "Hyperband with several metrics": (
+        study(
+            study={"metric": ["val_acc", "val_loss"], "direction": ["maximize", "minimize"]},
+            pruner={"name": "hyperband"},
+        ),
+        ["pruner.name: hyperband cannot serve a study of several objectives", "median"],
+    ),
+    "confirm with several metrics": (
+        study(
+            study={"metric": ["val_acc", "val_loss"], "direction": ["maximize", "minimize"]},
+            confirm={"top_k": 2, "seeds": 2},
+        ),
+        ["confirm: [confirm] chooses one best configuration", "Pareto front"],
+    ),
     "missing study key": (
         {**BASE, "study": {k: v for k, v in BASE["study"].items() if k != "metric"}},
         ["study.metric: required key is missing"],

@@ -22,7 +22,7 @@ def snapshot(number: int, state: TrialState, value: float | None = None, **attrs
 
 def test_events_for_start_finish_prune_fail_and_new_best() -> None:
     lines: list[str] = []
-    log = EventLog("val_acc", maximize=True, emit=lines.append, clock=lambda: 0.0)
+    log = EventLog(("val_acc",), maximize=True, emit=lines.append, clock=lambda: 0.0)
     log.update([snapshot(0, TrialState.RUNNING)])  # no slot recorded yet: not reported
     log.update([snapshot(0, TrialState.RUNNING, device="cpu")])
     log.update(

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,6 +132,44 @@ def test_two_machines_share_one_study_and_run_exactly_n_trials(
     with dashboard(second) as served:
         study = served.get("/api/studies/1")
     assert study["name"] == "tiny" and len(study["trials"]) == 12
+
+
+def test_two_machines_confirm_the_best_once_each(tmp_path: Path, database: str) -> None:
+    """[confirm] on two machines: both see the search end, each confirmation runs once."""
+    paths = []
+    for name in ("machine-a", "machine-b"):
+        path = machine(tmp_path, name, database, 8, sleep=0.05)
+        data = tomllib.loads(path.read_text())
+        data["confirm"] = {"top_k": 2, "seeds": 2}
+        data["sampler"] = {"name": "random"}
+        path.write_text(toml_text(data))
+        paths.append(path)
+    sweeps = [
+        join(name, path) for name, path in zip(("machine-a", "machine-b"), paths, strict=True)
+    ]
+    outputs = [sweep.communicate(timeout=600) for sweep in sweeps]
+    assert [sweep.returncode for sweep in sweeps] == [0, 0], outputs
+
+    trials = optuna.load_study(study_name="tiny", storage=database).trials
+    search = [t for t in trials if "confirms" not in t.user_attrs]
+    confirmations = [t for t in trials if "confirms" in t.user_attrs]
+    assert len(search) == 8 and all(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in search
+    )
+    marks = sorted((t.user_attrs["confirms"], t.user_attrs["confirm_seed"]) for t in confirmations)
+    complete = sorted(
+        (t for t in search if t.state == TrialState.COMPLETE), key=lambda t: (-t.value, t.number)
+    )
+    top = [t.number for t in complete][:2]
+    assert marks == sorted((n, s) for n in top for s in (1, 2)), "each run once, on one machine"
+    assert all(t.state == TrialState.COMPLETE for t in confirmations)
+    for path in paths:
+        shown = json.loads(run_sweeper("best", str(path), "--json").stdout)
+        assert shown["best"]["trial"] == shown["confirmed"][0]["trial"]
+        assert sorted(e["trial"] for e in shown["confirmed"]) == sorted(top)
+        assert (
+            "8/8 finished and 4 confirmation trial(s)" in run_sweeper("status", str(path)).stdout
+        )
 
 
 def test_a_machine_lost_mid_sweep_is_replaced_and_the_study_ends_exact(

@@ -126,8 +126,10 @@ def schedule_install(
     """Install the nightly run; installing again changes nothing."""
     from sweeper.atomic import make_folder
     from sweeper.nightly import schedule
+    from sweeper.nightly.night import one_metric
 
     config = load_config(study_file)
+    one_metric(config)
     if systemd:
         schedule.systemd_units(config)  # refuses what systemd cannot express
         make_folder(schedule.log_file(config).parent)

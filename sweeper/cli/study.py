@@ -149,11 +149,8 @@ def status(
     say(counts_line(data))
     for row in busy:
         last = row["last"]
-        where = (
-            f"step {last['step']}, {config.study.metric}={last.get(config.study.metric)}"
-            if last
-            else "starting"
-        )
+        first = config.study.metrics[0]
+        where = f"step {last['step']}, {first}={last.get(first)}" if last else "starting"
         say(
             f"  running: trial {row['trial']} on {row['device']} at {row['host']}, "
             f"{row['elapsed_s']} s, {where}"
@@ -162,7 +159,7 @@ def status(
         say(f"{request.describe()}; `sweeper start {config.path}` resumes it")
     best_row = data["best"]
     if best_row is not None:
-        say(f"best so far: trial {best_row['trial']}, {data['metric']}={best_row['value']:.4f}")
+        say(f"best so far: trial {best_row['trial']}, {best_values(data, best_row)}")
 
 
 @app.command()
@@ -218,7 +215,7 @@ def trials(
         sys.stdout.write(to_csv(found))
         return
     table = Table(
-        title=f"trials of {config.study.name} ({config.study.metric})",
+        title=f"trials of {config.study.name} ({', '.join(config.study.metrics)})",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
     )
@@ -228,7 +225,8 @@ def trials(
         table.add_row(
             str(r["number"]),
             r["state"],
-            "" if r["value"] is None else f"{r['value']:.4f}",
+            " / ".join(f"{v:.4f}" for v in r.get("values") or [])
+            or ("" if r["value"] is None else f"{r['value']:.4f}"),
             params_text(r["params"]),
             r["stop_reason"] or "",
             "" if r["duration_s"] is None else f"{r['duration_s']:.1f} s",
@@ -333,8 +331,11 @@ def print_best(data: dict[str, Any]) -> None:
     if best_row is None:
         say("no trial has completed yet")
         return
+    if "pareto" in data:
+        print_front(data)
+    first = "best" if "pareto" not in data else f"best {data['metric'][0]} on the front"
     say(
-        f"best: trial {best_row['trial']}, {data['metric']}={best_row['value']:.4f} "
+        f"{first}: trial {best_row['trial']}, {best_values(data, best_row)} "
         f"at step {best_row['step']} (epoch {best_row['epoch']})"
     )
     if best_row.get("confirmed"):
@@ -350,7 +351,8 @@ def print_best(data: dict[str, Any]) -> None:
     if best_row.get("overfit"):
         from sweeper.run.overfitting import describe
 
-        say(f"  overfitting: {describe(best_row['overfit'], data['metric'])}")
+        metric = data["metric"][0] if "pareto" in data else data["metric"]
+        say(f"  overfitting: {describe(best_row['overfit'], metric)}")
     if best_row.get("weights"):
         say(f"  weights: {best_row['weights']}")
     errors = best_row.get("confident_errors") or []
@@ -369,6 +371,28 @@ def print_best(data: dict[str, Any]) -> None:
         for entry in data["confirmed"]:
             params = ", ".join(f"{k}={v!r}" for k, v in entry["params"].items())
             say(f"  trial {entry['trial']}: {confirmed_line(entry)}; {params}")
+
+
+def best_values(data: dict[str, Any], best_row: dict[str, Any]) -> str:
+    """``val_f1=0.8123``, or each metric's value in a study of several."""
+    if "values" in best_row:
+        return " ".join(f"{name}={value:.4f}" for name, value in best_row["values"].items())
+    return f"{data['metric']}={best_row['value']:.4f}"
+
+
+def print_front(data: dict[str, Any]) -> None:
+    """The Pareto front of a study of several metrics: one line per trial, values and params."""
+    directions = ", ".join(
+        f"{m} {d}" for m, d in zip(data["metric"], data["direction"], strict=True)
+    )
+    say(
+        f"Pareto front ({directions}): {len(data['pareto'])} trial(s), "
+        f"best {data['metric'][0]} first"
+    )
+    for entry in data["pareto"]:
+        values = " ".join(f"{name}={value:.4f}" for name, value in entry["values"].items())
+        params = ", ".join(f"{k}={v!r}" for k, v in entry["params"].items())
+        say(f"  trial {entry['number']}: {values}; {params}")
 
 
 def confirmed_line(entry: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sweeper import store
 from sweeper.atomic import check_writable, make_folder, write_text
 from sweeper.config import StudyConfig
-from sweeper.errors import SweeperError
+from sweeper.errors import ConfigError, SweeperError
 from sweeper.nightly.lock import NightLock
 from sweeper.nightly.notify import notify
 from sweeper.space import SearchSpace, parse_space
@@ -85,6 +85,17 @@ def today(config: StudyConfig) -> dt.date:
     return dt.datetime.now(zoneinfo.ZoneInfo(config.schedule.timezone)).date()
 
 
+def one_metric(config: StudyConfig) -> None:
+    """Refuse a study of several metrics: a night is judged against the last by one value."""
+    if config.study.multi_objective:
+        raise ConfigError(
+            f"{config.path}: study.metric: nightly sweeps judge each night by its best value "
+            f"against the last night's, and this study has {len(config.study.metrics)} metrics "
+            "(a Pareto front, no single best); run it with `sweeper start`, or schedule a "
+            "study of one metric"
+        )
+
+
 def run_night(
     config: StudyConfig,
     night: dt.date,
@@ -97,6 +108,7 @@ def run_night(
     """Run or resume one night; exit code 0, EXIT_REGRESSION, or 1 when nothing completed."""
     from sweeper.sweep import check, start
 
+    one_metric(config)
     tonight = config.for_night(night)
     lock = NightLock(config.output_dir / "nightly.lock")
     if lock.path.exists():  # answer at once, before importing the task
@@ -193,7 +205,7 @@ def earlier_night(config: StudyConfig, night: dt.date) -> EarlierNight | None:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         complete = [t for t in complete if not store.is_confirmation(t)]
         if complete:
-            maximize = config.study.direction == "maximize"
+            maximize = config.study.maximize
             chosen, score = result(study)
             best = sorted(complete, key=_value, reverse=maximize)
             return EarlierNight(date, best, chosen, score)
@@ -313,7 +325,7 @@ def summarize(
     trials = study.get_trials(deepcopy=False)
     now = store.Snapshot(trials, tonight.study.n_trials)
     count = now.search_counts
-    maximize = tonight.study.direction == "maximize"
+    maximize = tonight.study.maximize
     summary: dict[str, Any] = {
         "study": tonight.base_name,
         "night": tonight.night.isoformat() if tonight.night else None,

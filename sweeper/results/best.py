@@ -25,8 +25,10 @@ from sweeper.store import (
     confirmation_groups,
     confirms,
     counts,
+    first_value,
     numbers_with_user_attr,
     outcome,
+    pareto_front,
     running_trials,
 )
 from sweeper.store import best_trial as best_complete_trial
@@ -134,13 +136,18 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
         "best": None,
         "confirmed": found,
     }
+    if config.study.multi_objective:
+        result["pareto"] = [
+            {"number": t.number, "values": _named(config, t), "params": t.params}
+            for t in pareto_front(study)
+        ]
     if best is None:
         return result
     step = best.user_attrs.get("best_step")
     at_best = record_at_best(best)
     result["best"] = {
         "trial": best.number,
-        "value": best.value,
+        "value": first_value(best),
         "params": best.params,
         "fixed": {k: v for k, v in config.search.items() if not isinstance(v, dict)},
         "step": step,
@@ -153,6 +160,7 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
         "weights": _kept_weights(best),
         "confident_errors": best.user_attrs.get("confident_errors", []),
         "confirmed": found[0] if found else None,
+        **({"values": _named(config, best)} if config.study.multi_objective else {}),
         "reproduce": {
             "study_file": str(config.path),
             "study_seed": config.study.seed,
@@ -162,6 +170,11 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
         },
     }
     return result
+
+
+def _named(config: StudyConfig, trial: FrozenTrial) -> dict[str, float]:
+    """A complete trial's values by metric name."""
+    return dict(zip(config.study.metrics, trial.values, strict=True))
 
 
 def _kept_weights(trial: FrozenTrial) -> str | None:
@@ -198,9 +211,18 @@ def write_best_toml(config: StudyConfig, data: dict[str, Any]) -> Path | None:
     doc = tomlkit.document()
     doc.add(tomlkit.comment(f"Best configuration of study {config.study.name!r}, by sweeper."))
     doc.add(tomlkit.comment("[params] holds what to put back into [search] to train it again."))
+    if config.study.multi_objective:
+        doc.add(
+            tomlkit.comment(
+                f"Several metrics: [best] is the Pareto front's best {config.study.metrics[0]}; "
+                "[[pareto]] lists the whole front."
+            )
+        )
     head = tomlkit.table()
     head.add("metric", config.study.metric)
     head.add("value", best["value"])
+    if "values" in best:
+        head.add("values", _table(best["values"]))
     head.add("trial", best["trial"])
     for key in ("step", "epoch", "duration_s", "stop_reason", "weights"):
         if best[key] is not None:
@@ -213,11 +235,13 @@ def write_best_toml(config: StudyConfig, data: dict[str, Any]) -> Path | None:
     doc.add("metrics", _table(best["metrics"]))
     if best.get("confirmed"):
         doc.add("confirmed", _confirmed_table(best["confirmed"]))
+    if "pareto" in data:
+        doc.add("pareto", _pareto_table(data["pareto"], best["fixed"]))
     if best["gap"] or best["overfit"]:
         view = _table({f"gap_{name}": value for name, value in best["gap"].items()})
         view.add("overfit", best["overfit"] is not None)
         if best["overfit"] is not None:
-            view.add("overfit_detail", describe_overfit(best["overfit"], config.study.metric))
+            view.add("overfit_detail", describe_overfit(best["overfit"], config.study.metrics[0]))
         doc.add("overfitting", view)
     reproduce = dict(best["reproduce"])
     version_table = _table(reproduce.pop("versions"))
@@ -251,6 +275,19 @@ def _confirmed_table(entry: dict[str, Any]) -> Any:
         runs.append(row)
     table.add("runs", runs)
     return table
+
+
+def _pareto_table(front: list[dict[str, Any]], fixed: dict[str, Any]) -> Any:
+    """One ``[[pareto]]`` per trial of the front: its number, values by metric, and params
+    (with ``[search]``'s fixed values, as ``[params]``)."""
+    rows = tomlkit.aot()
+    for entry in front:
+        row = tomlkit.table()
+        row.add("trial", entry["number"])
+        row.add("values", _table(entry["values"]))
+        row.add("params", _table({**fixed, **entry["params"]}))
+        rows.append(row)
+    return rows
 
 
 def _table(values: dict[str, Any]) -> Any:

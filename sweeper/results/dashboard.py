@@ -110,13 +110,15 @@ def serve(config: StudyConfig, host: str, port: int, warn: Callable[[str], None]
 
 
 def name_objective(config: StudyConfig, study: optuna.Study) -> None:
-    """Name the objective after the study's metric: the dashboard shows it, not "Objective 0"."""
+    """Name the objectives after the study's metrics: the dashboard shows them, not
+    "Objective 0" (and, for several, plots its Pareto front with them)."""
     import warnings
 
-    if study.metric_names != [config.study.metric]:
+    names = list(config.study.metrics)
+    if study.metric_names != names:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([config.study.metric])
+            study.set_metric_names(names)
 
 
 def publish(config: StudyConfig, study: optuna.Study) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.store.confirm import confirms, is_confirmation
+from sweeper.store.queries import first_value
 
 if TYPE_CHECKING:
     from sweeper.store import Snapshot
@@ -20,11 +21,24 @@ def describe_value(metric: str, value: float | None) -> str:
     return f"{metric}={value:.4f}" if value is not None and math.isfinite(value) else f"{metric}=-"
 
 
+def describe_values(metrics: Sequence[str], values: Sequence[float] | None) -> str:
+    """``val_f1=0.8123 latency_ms=2.1000``: each metric with its value (``-`` when missing)."""
+    values = values or []
+    return " ".join(
+        describe_value(metric, values[i] if i < len(values) else None)
+        for i, metric in enumerate(metrics)
+    )
+
+
 @dataclass
 class EventLog:
-    """Turns successive snapshots of the study's trials into events."""
+    """Turns successive snapshots of the study's trials into events.
 
-    metric: str
+    ``metrics``: the study's; a "new best" is the first metric's, said only
+    when the study has one metric (several have a Pareto front instead).
+    """
+
+    metrics: Sequence[str]
     maximize: bool
     emit: Callable[[str], None]
     clock: Callable[[], float] = time.time
@@ -36,7 +50,7 @@ class EventLog:
         for trial in trials:
             if trial.state != TrialState.WAITING:
                 self._seen[trial.number] = trial.state
-            value = trial.value if trial.state == TrialState.COMPLETE else None
+            value = first_value(trial) if trial.state == TrialState.COMPLETE else None
             if value is not None and not is_confirmation(trial) and self._improves(value):
                 self._best = value
 
@@ -61,14 +75,14 @@ class EventLog:
     def _finished(self, trial: FrozenTrial) -> None:
         reason = trial.user_attrs.get("stop_reason", "")
         if trial.state == TrialState.COMPLETE:
-            value = trial.value
+            value = first_value(trial)
             line = (
                 f"trial {trial.number}{_confirming(trial)} completed: "
-                f"{describe_value(self.metric, value)}"
+                f"{describe_values(self.metrics, trial.values)}"
             )
             if value is not None and not is_confirmation(trial) and self._improves(value):
                 self._best = value
-                line += " (new best)"
+                line += " (new best)" if len(self.metrics) == 1 else ""
             self._say(line)
         elif trial.state == TrialState.PRUNED:
             self._say(f"trial {trial.number} pruned: {reason}")
@@ -126,7 +140,9 @@ def study_view(snapshot: Snapshot, metric: str, maximize: bool, elapsed: float) 
         )
     finished = snapshot.finished
     values = [
-        t.value for t in snapshot.search if t.state == TrialState.COMPLETE and t.value is not None
+        value
+        for t in snapshot.search
+        if t.state == TrialState.COMPLETE and (value := first_value(t)) is not None
     ]
     best = (max if maximize else min)(values) if values else None
     left = ""

@@ -19,7 +19,14 @@ from sweeper.config import StudyConfig
 from sweeper.results.best import best_trial, confirmed, record_at_best, runs_counted
 from sweeper.run.overfitting import describe as describe_overfit
 from sweeper.space import parse_space
-from sweeper.store import has_ended, outcome, read_trials
+from sweeper.store import (
+    first_value,
+    has_ended,
+    intermediate_values,
+    outcome,
+    pareto_front,
+    read_trials,
+)
 
 OUTCOME_COLOURS = {
     "complete": "#1f77b4",
@@ -119,7 +126,13 @@ def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTr
             counts[outcome(trial)] += 1
     spent = compute(trials)
     rows = [
-        ("metric", f"{config.study.metric} ({config.study.direction})"),
+        (
+            "metrics" if config.study.multi_objective else "metric",
+            ", ".join(
+                f"{m} ({d})"
+                for m, d in zip(config.study.metrics, config.study.directions, strict=True)
+            ),
+        ),
         ("trials", ", ".join(f"{n} {name}" for name, n in counts.items())),
         ("duration", str(duration(trials)).split(".")[0]),
         (
@@ -144,7 +157,15 @@ def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTr
     confirmations = confirmed(study)
     best = best_trial(study, confirmations)
     if best is not None:
-        value = f"{best.value:.6g} (trial {best.number})"
+        value = f"{first_value(best):.6g} (trial {best.number})"
+        if config.study.multi_objective:
+            front = pareto_front(study)
+            numbers = ", ".join(str(t.number) for t in front[:30]) + (
+                " …" if len(front) > 30 else ""
+            )
+            rows.insert(0, ("Pareto front", f"{len(front)} trials: {numbers}"))
+            value = f"{_values(config, best)} (trial {best.number}, the front's best "
+            value += f"{config.study.metrics[0]})"
         if confirmations:
             entry = confirmations[0]
             value += f"; mean over {runs_counted(entry)} {entry['mean']:.6g} ± {entry['std']:.3g}"
@@ -157,7 +178,7 @@ def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTr
             text = ", ".join(f"{k} {v:+.4f}" for k, v in gaps.items())
             found = best.user_attrs.get("overfit")
             if found:
-                text += f"; it overfit: {describe_overfit(found, config.study.metric)}"
+                text += f"; it overfit: {describe_overfit(found, config.study.metrics[0])}"
             rows.insert(2, ("best trial's train/val gap", text))
     cells = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows
@@ -191,7 +212,7 @@ def _confirmed(config: StudyConfig, study: optuna.Study) -> str:
     return (
         '<section id="confirmed"><h2>Confirmed configurations</h2>'
         f"<p>The best configurations of the search, each run again with new seeds; the best "
-        f"is chosen by the mean of {html.escape(config.study.metric)} over its runs. A run "
+        f"is chosen by the mean of {html.escape(config.study.metrics[0])} over its runs. A run "
         "that diverged counts as the worst: a configuration with diverged runs ranks below "
         "every configuration with fewer.</p>"
         f"<table><tr>{head}</tr>{''.join(rows)}</table></section>"
@@ -237,16 +258,28 @@ def _figures(
     figures: list[tuple[str, Any]] = []
     if complete:
         figures.append(("Optimization history", _history(config, complete, go)))
+    if config.study.multi_objective and complete and len(config.study.metrics) <= 3:
+        figures.append(
+            (
+                "Pareto front",
+                vis.plot_pareto_front(
+                    study, target_names=list(config.study.metrics), include_dominated_trials=True
+                ),
+            )
+        )
     figures.append(("Learning curves", learning_curves(config, finished)))
     if len(complete) >= 2 and len(complete[0].distributions) >= 1:
         sample, note = _sample(study, complete)
         evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+        first = _first_target(config)
+        if config.study.multi_objective:
+            note += f" (by {config.study.metrics[0]})"
         with contextlib.suppress(ValueError, RuntimeError), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "importances will be equal" with few trials
             figures.append(
                 (
                     f"Parameter importances{note}",
-                    vis.plot_param_importances(sample, evaluator=evaluator),
+                    vis.plot_param_importances(sample, evaluator=evaluator, **first),
                 )
             )
         shared, apart = _shared_params(sample.trials)
@@ -256,7 +289,7 @@ def _figures(
         figures.append(
             (
                 f"Parallel coordinates{note}",
-                vis.plot_parallel_coordinate(sample, params=shared if apart else None),
+                vis.plot_parallel_coordinate(sample, params=shared if apart else None, **first),
             )
         )
     space = parse_space(config.search, config.path)
@@ -265,9 +298,9 @@ def _figures(
         figures.append(
             (f"{name} against outcome{when}", _param_outcome(config, finished, name, go))
         )
-    top = sorted(
-        complete, key=lambda t: t.value or 0.0, reverse=config.study.direction == "maximize"
-    )[:TOP_K]
+    top = sorted(complete, key=lambda t: first_value(t) or 0.0, reverse=config.study.maximize)[
+        :TOP_K
+    ]
     if top:
         figures.append(
             ("Train and validation loss of the top trials (overfitting)", _train_vs_val(top, go))
@@ -287,7 +320,7 @@ def _sample(study: optuna.Study, complete: Sequence[FrozenTrial]) -> tuple[optun
     copy.add_trials(
         optuna.trial.create_trial(
             state=TrialState.COMPLETE,
-            value=t.value,
+            values=t.values,
             params=t.params,
             distributions=t.distributions,
         )
@@ -315,11 +348,12 @@ def learning_curves(config: StudyConfig, trials: Sequence[FrozenTrial]) -> Any:
         xs: list[float | None] = []
         ys: list[float | None] = []
         for trial in trials[::stride]:
-            if outcome(trial) != name or not trial.intermediate_values:
+            reported = intermediate_values(trial)
+            if outcome(trial) != name or not reported:
                 continue
-            steps = sorted(trial.intermediate_values)
+            steps = sorted(reported)
             xs += [*steps, None]
-            ys += [*(trial.intermediate_values[s] for s in steps), None]
+            ys += [*(reported[s] for s in steps), None]
         if xs:
             figure.add_trace(
                 go.Scattergl(
@@ -331,15 +365,15 @@ def learning_curves(config: StudyConfig, trials: Sequence[FrozenTrial]) -> Any:
                     opacity=0.6,
                 )
             )
-    figure.update_layout(xaxis_title="step", yaxis_title=config.study.metric)
+    figure.update_layout(xaxis_title="step", yaxis_title=config.study.metrics[0])
     return figure
 
 
 def _history(config: StudyConfig, complete: Sequence[FrozenTrial], go: Any) -> Any:
     """Each complete trial's value by trial number, and the best so far."""
     ordered = sorted(complete, key=lambda t: t.number)
-    values = [t.value if t.value is not None else math.nan for t in ordered]
-    pick = max if config.study.direction == "maximize" else min
+    values = [value if (value := first_value(t)) is not None else math.nan for t in ordered]
+    pick = max if config.study.maximize else min
     best: list[float] = []
     for value in values:
         best.append(value if not best else pick(best[-1], value))
@@ -359,7 +393,7 @@ def _history(config: StudyConfig, complete: Sequence[FrozenTrial], go: Any) -> A
             x=numbers, y=best, mode="lines", name="best so far", line={"color": "#2ca02c"}
         )
     )
-    figure.update_layout(xaxis_title="trial", yaxis_title=config.study.metric)
+    figure.update_layout(xaxis_title="trial", yaxis_title=config.study.metrics[0])
     return figure
 
 
@@ -395,18 +429,35 @@ def _param_outcome(config: StudyConfig, trials: Sequence[FrozenTrial], name: str
     figure.update_layout(
         xaxis_title=name,
         xaxis_type="log" if log else "linear",
-        yaxis_title=f"{config.study.metric} (last reported)",
+        yaxis_title=f"{config.study.metrics[0]} (last reported)",
     )
     return figure
 
 
 def _last_value(trial: FrozenTrial) -> float | None:
-    if trial.value is not None:
-        return trial.value
-    if trial.intermediate_values:
-        value = trial.intermediate_values[max(trial.intermediate_values)]
+    found = first_value(trial)
+    if found is not None:
+        return found
+    reported = intermediate_values(trial)
+    if reported:
+        value = reported[max(reported)]
         return value if math.isfinite(value) else None
     return None
+
+
+def _values(config: StudyConfig, trial: FrozenTrial) -> str:
+    """``val_f1 0.8123, latency_ms 2.1``: each study metric's value of a complete trial."""
+    return ", ".join(
+        f"{metric} {value:.6g}"
+        for metric, value in zip(config.study.metrics, trial.values, strict=True)
+    )
+
+
+def _first_target(config: StudyConfig) -> dict[str, Any]:
+    """For Optuna's charts of one objective: the first metric, in a study of several."""
+    if not config.study.multi_objective:
+        return {}
+    return {"target": lambda t: t.values[0], "target_name": config.study.metrics[0]}
 
 
 def _train_vs_val(top: Sequence[FrozenTrial], go: Any) -> Any:

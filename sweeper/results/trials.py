@@ -10,6 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.errors import ConfigError
+from sweeper.store.queries import first_value
 
 STATES = {
     state.name.lower(): state
@@ -45,12 +46,17 @@ def rows(study: optuna.Study, states: set[TrialState] | None = None) -> list[dic
 
 
 def row(trial: FrozenTrial) -> dict[str, Any]:
+    """One trial as ``sweeper trials`` lists it; ``values`` too in a study of several metrics
+    (``value`` is then the first metric's)."""
     started, completed = trial.datetime_start, trial.datetime_complete
     duration = (completed - started).total_seconds() if started and completed else None
+    complete = trial.state == TrialState.COMPLETE
+    several = {"values": trial.values if complete else None} if len(trial.values or []) > 1 else {}
     return {
         "number": trial.number,
         "state": trial.state.name.lower(),
-        "value": trial.value if trial.state == TrialState.COMPLETE else None,
+        "value": first_value(trial) if complete else None,
+        **several,
         "params": dict(trial.params),
         "stop_reason": trial.user_attrs.get("stop_reason"),
         "duration_s": None if duration is None else round(duration, 3),
@@ -65,9 +71,13 @@ def to_csv(found: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     head = ["number", "state", "value", "stop_reason", "duration_s", "started", "completed"]
-    writer.writerow(head + [f"param_{name}" for name in names])
+    several = max((len(r.get("values") or []) for r in found), default=0)
+    values = [f"value_{i}" for i in range(several)]  # a study of several metrics: in order
+    writer.writerow(head + values + [f"param_{name}" for name in names])
     for r in found:
-        cells = [r[key] for key in head] + [r["params"].get(name) for name in names]
+        cells = [r[key] for key in head]
+        cells += (r.get("values") or [None] * several)[:several]
+        cells += [r["params"].get(name) for name in names]
         writer.writerow(["" if cell is None else cell for cell in cells])
     return buffer.getvalue()
 

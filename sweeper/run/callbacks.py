@@ -10,6 +10,7 @@ import optuna
 
 from sweeper.errors import TaskError
 from sweeper.run.divergence import DivergenceGuard
+from sweeper.store import report
 
 
 class TrialStopped(Exception):
@@ -66,11 +67,13 @@ class DivergenceCallback(pl.Callback):
 class TrialRecorder(pl.Callback):
     """Records every validation on the trial and lets the study's pruner decide.
 
-    At each validation: the study metric is reported as an intermediate value
-    at the global step; every ``val_*`` and ``train_*`` metric, with the mean
-    training loss since the previous validation as ``train_loss``, is appended
+    At each validation: the study metric (the first, of several) is reported
+    as an intermediate value at the global step; every ``val_*`` and
+    ``train_*`` metric, with the mean training loss since the previous
+    validation as ``train_loss``, is appended
     to ``user_attrs["history"]``; the best value so far and its step are kept
-    for the objective. In a fold of a cross-validated trial (``fold``) the
+    for the objective, with every study metric at that validation
+    (``best_values``). In a fold of a cross-validated trial (``fold``) the
     records are tagged with it and appended to the trial's shared ``history``,
     and nothing is reported (the trial reports each fold's best). At each new
     best the module's ``validation_errors``
@@ -81,7 +84,7 @@ class TrialRecorder(pl.Callback):
     def __init__(
         self,
         trial: optuna.Trial,
-        metric: str,
+        metrics: tuple[str, ...],
         direction: str,
         pruner: str,
         guard: bool = True,
@@ -91,13 +94,15 @@ class TrialRecorder(pl.Callback):
     ) -> None:
         self.trial = trial
         self.guard = guard
-        self.metric = metric
+        self.metrics = metrics
+        self.metric = metrics[0]
         self.maximize = direction == "maximize"
         self.pruner = pruner
         self.keep_weights = keep_weights
         self.fold = fold
         self.history: list[dict[str, float | int]] = [] if history is None else history
         self.best: float | None = None
+        self.best_values: list[float] = []
         self.best_step: int | None = None
         self.best_epoch: int | None = None
         self.best_errors: list[dict[str, Any]] = []
@@ -125,12 +130,13 @@ class TrialRecorder(pl.Callback):
             for name, value in trainer.callback_metrics.items()
             if getattr(value, "numel", lambda: 1)() == 1
         }
-        if self.metric not in metrics:
-            logged = ", ".join(sorted(metrics)) or "nothing"
-            raise TaskError(
-                f"the study metric {self.metric!r} was not logged during validation "
-                f"(logged: {logged}); log it with self.log({self.metric!r}, ...)"
-            )
+        for metric in self.metrics:
+            if metric not in metrics:
+                logged = ", ".join(sorted(metrics)) or "nothing"
+                raise TaskError(
+                    f"the study metric {metric!r} was not logged during validation "
+                    f"(logged: {logged}); log it with self.log({metric!r}, ...)"
+                )
         value = metrics[self.metric]
         record: dict[str, float | int] = {"step": step, "epoch": epoch}
         if self.fold is not None:
@@ -156,6 +162,7 @@ class TrialRecorder(pl.Callback):
             raise ValueError(f"the study metric {self.metric} is {value} at step {step}")
         if self.best is None or (value > self.best if self.maximize else value < self.best):
             self.best, self.best_step, self.best_epoch = value, step, epoch
+            self.best_values = [metrics[metric] for metric in self.metrics]
             self.best_errors = list(getattr(pl_module, "validation_errors", None) or [])
             if self.keep_weights:
                 self.best_weights = {
@@ -164,6 +171,5 @@ class TrialRecorder(pl.Callback):
                 }
         if self.fold is not None:
             return  # folds are reported whole, one value per fold
-        self.trial.report(value, step)
-        if self.trial.should_prune():
+        if report(self.trial.study, self.trial, value, step):
             raise TrialStopped(f"pruned by {self.pruner} at step {step}", step, pruned=True)

@@ -25,7 +25,15 @@ from sweeper.run.divergence import DivergenceGuard
 from sweeper.run.tracking import TrialRun, trial_run
 from sweeper.run.trainer import trainer_options
 from sweeper.space import parse_space
-from sweeper.store import Owner, SamplerFailed, claim, claim_lock, is_confirmation, tell
+from sweeper.store import (
+    Owner,
+    SamplerFailed,
+    claim,
+    claim_lock,
+    is_confirmation,
+    report,
+    tell,
+)
 from sweeper.tasks import Build
 
 EXIT_TOLD = 0
@@ -81,11 +89,11 @@ def run_trial(
         return EXIT_NO_TRIAL
     os.write(channel, f"{trial.number}\n".encode())
     run = trial_run(config, trial.number, trial_params(config, trial))
-    state, value, attrs = _train(config, slot, build, study, trial, run)
-    run.ended(state, value, attrs)
+    state, values, attrs = _train(config, slot, build, study, trial, run)
+    run.ended(state, values[0] if values else None, attrs)
     if "error" in attrs:
         print(f"trial {trial.number} failed:\n{attrs['error']}", file=sys.stderr)
-    tell(study, trial, state, value, attrs)
+    tell(study, trial, state, values, attrs)
     return EXIT_TOLD
 
 
@@ -111,13 +119,14 @@ def _train(
     study: optuna.Study,
     trial: optuna.Trial,
     run: TrialRun,
-) -> tuple[TrialState, float | None, dict[str, Any]]:
+) -> tuple[TrialState, list[float] | None, dict[str, Any]]:
+    """Train the claimed trial: its state, its values (one per study metric), its attributes."""
     params = trial_params(config, trial)
     seed = trial_seed(config.study.seed, trial.number)
     pl.seed_everything(seed, workers=True, verbose=False)
     if config.validation.folds > 1:
-        state, value, attrs = _cross_validate(config, slot, build, trial, params, run)
-        return state, value, {"seed": seed, **attrs}
+        state, values, attrs = _cross_validate(config, slot, build, trial, params, run)
+        return state, values, {"seed": seed, **attrs}
     fit = _fit(config, slot, build, trial, params, run)
     attrs = {"seed": seed, **fit.attrs}
     recorder = fit.recorder
@@ -125,19 +134,37 @@ def _train(
         attrs.update(_overfitting_view(config, recorder))
     if fit.state != TrialState.COMPLETE:
         return fit.state, None, attrs
-    if recorder.best is None or not math.isfinite(recorder.best):
-        attrs["stop_reason"] = _NEVER_LOGGED.format(metric=config.study.metric)
+    unusable = _unusable(config, recorder)
+    if unusable is not None:
+        attrs["stop_reason"] = unusable
         return TrialState.FAIL, None, attrs
     if recorder.best_weights is not None and not is_confirmation(trial):
         from sweeper.run.weights import keep
 
-        kept = keep(config, trial.number, recorder.best, recorder.best_weights)
+        kept = keep(config, trial.number, recorder.best_values[0], recorder.best_weights)
         if kept is not None:
             attrs["weights"] = str(kept)
-    return TrialState.COMPLETE, recorder.best, attrs
+    return TrialState.COMPLETE, recorder.best_values, attrs
 
 
 _NEVER_LOGGED = "error: the study metric {metric!r} was never logged; the trial ran no validation"
+
+
+def _unusable(config: StudyConfig, recorder: TrialRecorder) -> str | None:
+    """Why a fit that ended well has no values to tell, or None.
+
+    The first metric's best is finite (or the guard stopped the trial); another
+    metric of a study of several objectives can still be nan or inf there.
+    """
+    if recorder.best is None or not math.isfinite(recorder.best):
+        return _NEVER_LOGGED.format(metric=recorder.metric)
+    for metric, value in zip(config.study.metrics, recorder.best_values, strict=True):
+        if not math.isfinite(value):
+            return (
+                f"error: the study metric {metric!r} is {value} at the best validation "
+                f"(step {recorder.best_step})"
+            )
+    return None
 
 
 @dataclass
@@ -163,8 +190,8 @@ def _fit(
     guarding = config.divergence.enabled
     recorder = TrialRecorder(
         trial,
-        config.study.metric,
-        config.study.direction,
+        config.study.metrics,
+        config.study.directions[0],
         config.pruner.name,
         guarding,
         keep_weights=config.study.keep_weights > 0 and fold is None,
@@ -228,16 +255,18 @@ def _cross_validate(
     trial: optuna.Trial,
     params: dict[str, Any],
     run: TrialRun,
-) -> tuple[TrialState, float | None, dict[str, Any]]:
-    """Train once per fold; the value is the mean of the folds' best values.
+) -> tuple[TrialState, list[float] | None, dict[str, Any]]:
+    """Train once per fold; each value is the mean over the folds of that metric at the fold's
+    best validation (by the first metric).
 
-    After each fold the mean so far is reported at step = fold index, so the
-    pruner can stop a bad configuration after its first folds. A fold that
-    diverges or fails ends the trial the same way.
+    After each fold the first metric's mean so far is reported at step = fold
+    index, so the pruner can stop a bad configuration after its first folds.
+    A fold that diverges or fails ends the trial the same way.
     """
     folds = config.validation.folds
     history: list[dict[str, Any]] = []
     values: list[float] = []
+    fold_bests: list[list[float]] = []
     errors: list[dict[str, Any]] = []
     totals = {"steps": 0, "fit_seconds": 0.0}
     for fold in range(folds):
@@ -246,19 +275,19 @@ def _cross_validate(
         totals["steps"] += fit.attrs.get("steps", 0)
         totals["fit_seconds"] += fit.attrs["fit_seconds"]
         totals.update({k: v for k, v in fit.attrs.items() if k.endswith("_params")})
-        best = fit.recorder.best
-        if fit.state != TrialState.COMPLETE or best is None or not math.isfinite(best):
+        if fit.state != TrialState.COMPLETE or _unusable(config, fit.recorder) is not None:
             ended = {**fit.attrs, **totals, "fold_values": values}
             if fit.state == TrialState.COMPLETE:
-                ended["stop_reason"] = _NEVER_LOGGED.format(metric=config.study.metric)
+                ended["stop_reason"] = _unusable(config, fit.recorder)
                 return TrialState.FAIL, None, ended
             ended["stop_reason"] = f"{ended['stop_reason']} (fold {fold + 1} of {folds})"
             return fit.state, None, ended
-        values.append(best)
+        fold_bests.append(fit.recorder.best_values)
+        values.append(fit.recorder.best_values[0])
         errors += fit.recorder.best_errors
         mean = sum(values) / len(values)
-        trial.report(mean, fold)
-        if fold < folds - 1 and trial.should_prune():
+        pruned = report(trial.study, trial, mean, fold)
+        if fold < folds - 1 and pruned:
             reason = f"pruned by {config.pruner.name} after fold {fold + 1} of {folds}"
             return (
                 TrialState.PRUNED,
@@ -269,7 +298,8 @@ def _cross_validate(
     if errors:
         errors.sort(key=lambda e: -float(e.get("confidence", 0.0)))
         attrs["confident_errors"] = errors[:CONFIDENT_ERRORS]
-    return TrialState.COMPLETE, sum(values) / len(values), attrs
+    means = [sum(column) / folds for column in zip(*fold_bests, strict=True)]
+    return TrialState.COMPLETE, means, attrs
 
 
 def _early_stopping(config: StudyConfig) -> EarlyStopping | None:
@@ -278,8 +308,8 @@ def _early_stopping(config: StudyConfig) -> EarlyStopping | None:
     if patience is None:
         return None
     return EarlyStopping(
-        monitor=config.study.metric,
-        mode="max" if config.study.direction == "maximize" else "min",
+        monitor=config.study.metrics[0],
+        mode="max" if config.study.maximize else "min",
         patience=int(patience),
         check_finite=False,  # a non-finite metric is the divergence guard's
         check_on_train_epoch_end=False,
@@ -292,10 +322,10 @@ def _overfitting_view(config: StudyConfig, recorder: TrialRecorder) -> dict[str,
 
     at_best = next((r for r in recorder.history if r["step"] == recorder.best_step), {})
     view: dict[str, Any] = {}
-    found_gap = gap(at_best, config.study.metric)
+    found_gap = gap(at_best, recorder.metric)
     if found_gap:
         view["gap"] = found_gap
-    found = overfit(recorder.history, config.study.metric, recorder.maximize)
+    found = overfit(recorder.history, recorder.metric, recorder.maximize)
     if found is not None:
         view["overfit"] = found
     if recorder.best_errors:

@@ -40,7 +40,7 @@ def keep(config: StudyConfig, number: int, value: float, state: dict[str, Any]) 
         index_file = folder / "index.json"
         index = {int(n): v for n, v in _read(index_file).items()}
         index[number] = value
-        maximize = config.study.direction == "maximize"
+        maximize = config.study.maximize
         ranked = sorted(index.items(), key=lambda item: item[1], reverse=maximize)[:k]
         kept = dict(ranked)
         path = folder / f"trial-{number}.pt"

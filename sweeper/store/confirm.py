@@ -77,7 +77,7 @@ def wanted(trials: Sequence[FrozenTrial], config: StudyConfig) -> list[tuple[Fro
     searched = sum(t.state in _FINISHED and not is_confirmation(t) for t in trials)
     if searched < config.study.n_trials:
         return []
-    maximize = config.study.direction == "maximize"
+    maximize = config.study.maximize
     top = top_configurations(trials, maximize, config.confirm.top_k)
     return [(trial, seed) for trial in top for seed in range(1, config.confirm.seeds + 1)]
 

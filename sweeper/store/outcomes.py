@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,10 +86,11 @@ def tell(
     study: optuna.Study,
     trial: optuna.Trial,
     state: TrialState,
-    value: float | None,
+    values: float | Sequence[float] | None,
     attrs: dict[str, Any],
 ) -> bool:
-    """Record how a trial ended, with its attributes; False when it was already finished.
+    """Record how a trial ended, with its value (one per study metric) and attributes;
+    False when it was already finished.
 
     A trial can be failed from outside while it runs (its time limit, a lost
     heartbeat): then the outcome recorded first stands.
@@ -101,7 +103,7 @@ def tell(
             # diverged before its first validation has no value at all. As an
             # infeasible trial it ranks below every feasible one, as it should.
             trial.set_constraint("diverged", 1.0)
-        told = study.tell(trial, value, state=state, skip_if_finished=True)
+        told = study.tell(trial, values, state=state, skip_if_finished=True)
     except UpdateFinishedTrialError:
         return False
     return told.state == state and told.user_attrs.get("stop_reason") == attrs.get("stop_reason")

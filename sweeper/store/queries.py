@@ -13,6 +13,7 @@ from collections import Counter
 
 import optuna
 import sqlalchemy as sa
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.store._compat import models, study_id
@@ -56,14 +57,36 @@ def running_trials(study: optuna.Study) -> list[FrozenTrial]:
     return read_trials(study, states=(TrialState.RUNNING,))
 
 
+def first_value(trial: FrozenTrial) -> float | None:
+    """The trial's value; in a study of several objectives, its first metric's.
+
+    (Optuna's ``FrozenTrial.value`` raises for a trial with several values.)
+    """
+    return trial.values[0] if trial.values else None
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    """The COMPLETE trials no other complete trial beats on every metric, best first metric first.
+
+    Confirmations are none of them: a study of several objectives has none.
+    """
+    maximize = study.directions[0] == StudyDirection.MAXIMIZE
+    front = study.best_trials
+    return sorted(front, key=lambda t: (-t.values[0] if maximize else t.values[0], t.number))
+
+
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The best COMPLETE trial, or None when no trial has completed.
 
     Optuna's storage finds it with one query ordered by value; only when that
     trial breaks a constraint does Optuna read the complete trials to find the
     best feasible one (sweeper's diverged trials, the constrained ones, are
-    pruned, so that does not happen in its studies).
+    pruned, so that does not happen in its studies). In a study of several
+    objectives: the trial of the Pareto front best on the first metric.
     """
+    if len(study.directions) > 1:
+        front = pareto_front(study)
+        return front[0] if front else None
     try:
         return study.best_trial
     except ValueError:

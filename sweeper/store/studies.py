@@ -60,13 +60,13 @@ def _new_study(config: StudyConfig, storage: Any, space: SearchSpace) -> optuna.
     study = optuna.create_study(
         study_name=config.study.name,
         storage=storage,
-        direction=config.study.direction,
+        directions=list(config.study.directions),
         sampler=sampler_for(config),
         pruner=pruner_for(config),
         load_if_exists=True,
     )
     study.set_user_attr(SPACE_ATTR, space.fingerprint())
-    study.set_user_attr(METRIC_ATTR, config.study.metric)
+    study.set_user_attr(METRIC_ATTR, config.study.metric)  # a name, or a list of them
     return study
 
 
@@ -128,11 +128,12 @@ def _find(storage: Any, name: str) -> int | None:
 
 
 def _check_same_study(config: StudyConfig, study: optuna.Study, space: SearchSpace) -> None:
-    stored_direction = study.direction.name.lower()
-    if stored_direction != config.study.direction:
+    stored_directions = tuple(direction.name.lower() for direction in study.directions)
+    if stored_directions != config.study.directions:
         raise ConfigError(
             f"{config.path}: study.direction: the study {config.study.name!r} was created to "
-            f"{stored_direction}; give the study a new name to {config.study.direction}"
+            f"{' and '.join(stored_directions)}; give the study a new name to "
+            f"{' and '.join(config.study.directions)}"
         )
     stored = study.user_attrs.get(SPACE_ATTR)
     if stored is not None and stored != space.fingerprint():

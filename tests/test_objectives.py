@@ -1,0 +1,194 @@
+"""Several objectives: a Pareto front, still pruned on the first metric; what they refuse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from sweeper.store.pruning import REPORTED, FirstObjective, report, with_reported
+from tests.conftest import FIXTURES, StudyDir, one_line_error, run_sweeper, study
+
+TWO = {"metric": ["val_acc", "val_size"], "direction": ["maximize", "minimize"]}
+
+
+SEARCH = {
+    "lr": {"low": 1e-3, "high": 1.0, "log": True},
+    "hidden": {"low": 4, "high": 32, "step": 4},
+    "size": "params",
+}
+
+
+def two_metrics(study_dir: StudyDir, n_trials: int = 10, **sections: object) -> Path:
+    data = study(
+        **{
+            "study": {**TWO, "n_trials": n_trials},
+            "trainer": {"max_epochs": 3, "val_check_interval": 0.5},
+            "search": SEARCH,
+            "sampler": {"name": "tpe", "n_startup_trials": 3},
+            "pruner": {"name": "median", "n_startup_trials": 2},
+            **sections,
+        }
+    )
+    return study_dir.write(data)
+
+
+def dominated(values: list[float], other: list[float]) -> bool:
+    """``other`` is at least as good on both metrics (acc up, size down) and better on one."""
+    return (
+        other[0] >= values[0]
+        and other[1] <= values[1]
+        and (other[0] > values[0] or other[1] < values[1])
+    )
+
+
+def test_a_sweep_of_two_metrics_is_pruned_and_ends_with_its_pareto_front(
+    study_dir: StudyDir,
+) -> None:
+    path = two_metrics(study_dir)
+    result = run_sweeper("start", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    loaded = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir.db}")
+    assert [d.name for d in loaded.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert loaded.metric_names == ["val_acc", "val_size"]
+    trials = loaded.trials
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 10
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    # the median pruner watched val_acc, although Optuna's report refuses such a study
+    assert pruned, [t.user_attrs["stop_reason"] for t in trials]
+    assert all(t.user_attrs["stop_reason"].startswith("pruned by median at step") for t in pruned)
+    for trial in trials:
+        kept = trial.user_attrs[REPORTED]
+        acc = [r["val_acc"] for r in trial.user_attrs["history"]]
+        assert [value for _, value in kept] == pytest.approx(acc)
+        assert trial.intermediate_values == {}  # TPE would rank pruned trials by these
+    for trial in complete:
+        hidden = trial.params["hidden"]
+        assert trial.values[1] == 8 * hidden + hidden + 2 * hidden + 2  # the model's size
+    front = [t for t in complete if not any(dominated(t.values, o.values) for o in complete)]
+
+    shown = json.loads(run_sweeper("best", str(path), "--json").stdout)
+    assert sorted(entry["number"] for entry in shown["pareto"]) == sorted(t.number for t in front)
+    by_number = {t.number: t for t in complete}
+    for entry in shown["pareto"]:
+        assert list(entry["values"].values()) == by_number[entry["number"]].values
+    best_acc = max(t.values[0] for t in front)
+    assert shown["best"]["values"]["val_acc"] == best_acc
+    assert shown["best"]["value"] == best_acc
+
+    text = run_sweeper("best", str(path)).stdout
+    assert "Pareto front (val_acc maximize, val_size minimize)" in text
+    for trial in front:
+        assert f"  trial {trial.number}: val_acc={trial.values[0]:.4f} " in text
+
+    written = tomllib.loads((study_dir.root / "tiny" / "best.toml").read_text())
+    assert sorted(row["trial"] for row in written["pareto"]) == sorted(t.number for t in front)
+    assert all(row["params"]["size"] == "params" for row in written["pareto"])
+    assert written["best"]["values"]["val_acc"] == best_acc
+    report = (study_dir.root / "tiny" / "report.html").read_text()
+    assert "<h2>Pareto front</h2>" in report
+    rows = json.loads(run_sweeper("trials", str(path), "--json").stdout)
+    assert {r["number"]: r["values"] for r in rows if r["state"] == "complete"} == {
+        t.number: t.values for t in complete
+    }
+
+
+def test_a_second_metric_never_logged_fails_the_trial_naming_it(study_dir: StudyDir) -> None:
+    path = two_metrics(study_dir, n_trials=2, search={"lr": {"low": 1e-3, "high": 1e-1}})
+    result = run_sweeper("start", str(path))
+    assert result.returncode != 0
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir.db}").trials
+    assert trials and all(t.state == TrialState.FAIL for t in trials)
+    assert "the study metric 'val_size' was not logged" in trials[0].user_attrs["stop_reason"]
+
+
+def test_a_second_metric_that_is_nan_fails_the_trial(study_dir: StudyDir) -> None:
+    path = two_metrics(
+        study_dir, n_trials=1, search={"lr": {"low": 1e-2, "high": 1e-1}, "size": "nan"}
+    )
+    run_sweeper("start", str(path))
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir.db}").trials
+    assert trials[0].state == TrialState.FAIL
+    assert (
+        "the study metric 'val_size' is nan at the best validation"
+        in (trials[0].user_attrs["stop_reason"])
+    )
+
+
+def test_folds_average_each_metric_and_prune_on_the_first(study_dir: StudyDir) -> None:
+    shutil.copy(FIXTURES / "scripted_task.py", study_dir.root / "scripted_task.py")
+    data = study(
+        study={
+            "metric": ["val_acc", "val_loss"],
+            "direction": ["maximize", "minimize"],
+            "n_trials": 2,
+            "keep_weights": 0,
+        },
+        task={"name": "scripted_task:build"},
+        trainer={"max_epochs": 3},
+        search={"scale": {"low": 0.5, "high": 1.0, "step": 0.5}, "curve": "0.5,0.9,0.8"},
+        sampler={"name": "grid"},
+        pruner={"name": "threshold", "lower": 0.6},
+        validation={"folds": 3},
+        resources={"devices": "cpu", "cpu_workers": 1},
+    )
+    result = run_sweeper("start", str(study_dir.write(data)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir.db}").trials
+    by_scale = {t.params["scale"]: t for t in trials}
+    good, bad = by_scale[1.0], by_scale[0.5]
+    assert good.state == TrialState.COMPLETE
+    # val_loss at each fold's best val_acc (1 - 0.9), averaged like val_acc
+    assert good.values == pytest.approx([0.9, 0.1])
+    assert [step for step, _ in good.user_attrs[REPORTED]] == [0, 1, 2]
+    assert [mean for _, mean in good.user_attrs[REPORTED]] == pytest.approx([0.9] * 3)
+    assert bad.state == TrialState.PRUNED
+    assert bad.user_attrs["stop_reason"] == "pruned by threshold after fold 1 of 3"
+
+
+def test_the_pruner_sees_the_first_metric_of_a_study_of_several() -> None:
+    """The seam itself: Optuna's median pruner, on a multi-objective study in memory."""
+    pruned = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    multi = optuna.create_study(directions=["maximize", "minimize"], pruner=pruned)
+    for good in (0.8, 0.9):
+        trial = multi.ask()
+        assert not report(multi, trial, good, 1)
+        multi.tell(trial, [good, 1.0])
+    worse, better = multi.ask(), multi.ask()
+    assert report(multi, worse, 0.5, 1)  # below the median of 0.8 and 0.9
+    assert not report(multi, better, 0.95, 1)
+    view = FirstObjective(multi)
+    assert view.direction == optuna.study.StudyDirection.MAXIMIZE
+    seen = view.get_trials(states=(TrialState.COMPLETE,))
+    assert [t.intermediate_values for t in seen] == [{1: 0.8}, {1: 0.9}]
+    assert with_reported(multi.trials[0]) is not multi.trials[0]
+    assert multi.trials[0].intermediate_values == {}
+
+
+def test_a_study_of_one_metric_cannot_go_on_with_two(study_dir: StudyDir) -> None:
+    result = run_sweeper("start", str(study_dir.write(study(study={"n_trials": 1}))))
+    assert result.returncode == 0, result.stdout + result.stderr
+    before = study_dir.db.read_bytes()
+    result = run_sweeper("start", str(two_metrics(study_dir)))
+    one_line_error(
+        result,
+        "study.direction: the study 'tiny' was created to maximize;",
+        "maximize and minimize",
+    )
+    assert study_dir.db.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", [["nightly"], ["schedule", "install"]])
+def test_nightly_refuses_several_metrics(study_dir: StudyDir, command: list[str]) -> None:
+    crontab = study_dir.root / "crontab.txt"
+    extra = ["--crontab-file", str(crontab)] if command[0] == "schedule" else []
+    result = run_sweeper(*command, str(two_metrics(study_dir)), *extra)
+    one_line_error(result, "study.metric: nightly sweeps judge each night by its best value")
+    assert study_dir.created() == []
+    assert not crontab.exists()
