@@ -70,11 +70,14 @@ class StudySection(_Section):
     metric: (
         MetricName | Annotated[list[MetricName], Field(min_length=1, max_length=MAX_OBJECTIVES)]
     )
-    """One metric, or a list of them: a study with several objectives (a Pareto front)."""
+    """The metric the task logs during validation (`self.log(...)`) that the study optimizes;
+    a trial's value is its best validation value. A list of names makes a study of several
+    objectives, with a Pareto front; the pruner watches the first."""
     direction: (
         Direction | Annotated[list[Direction], Field(min_length=1, max_length=MAX_OBJECTIVES)]
     )
-    """One direction per metric: a list as long as ``metric``'s when that is a list."""
+    """Whether a larger (`maximize`) or a smaller (`minimize`) value of `metric` is better;
+    a list of them, one per metric, when `metric` is a list."""
     n_trials: PositiveInt
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     storage: str | None = None

@@ -12,7 +12,9 @@ import pytest
 from optuna.trial import TrialState
 
 from sweeper.store.pruning import REPORTED, FirstObjective, report, with_reported
+from tests.browser import page, screenshot
 from tests.conftest import FIXTURES, StudyDir, one_line_error, run_sweeper, study
+from tests.test_views import dashboard
 
 TWO = {"metric": ["val_acc", "val_size"], "direction": ["maximize", "minimize"]}
 
@@ -97,6 +99,15 @@ def test_a_sweep_of_two_metrics_is_pruned_and_ends_with_its_pareto_front(
     assert {r["number"]: r["values"] for r in rows if r["state"] == "complete"} == {
         t.number: t.values for t in complete
     }
+
+    with dashboard(path) as served, page() as (tab, errors):
+        assert served.get("/api/studies/1")["objective_names"] == ["val_acc", "val_size"]
+        tab.goto(f"{served.url}/dashboard/studies/1")
+        tab.get_by_text("Pareto Front").first.wait_for(timeout=30_000)
+        shown_page = tab.inner_text("body")
+        screenshot(tab, "dashboard-pareto-front")
+    assert errors == []
+    assert "Objective X:\nval_acc" in shown_page and "val_size" in shown_page
 
 
 def test_a_second_metric_never_logged_fails_the_trial_naming_it(study_dir: StudyDir) -> None:
