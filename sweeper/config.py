@@ -116,7 +116,11 @@ class StudySection(_Section):
     def _distinct_metrics(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and len(set(value)) < len(value):
             twice = sorted({name for name in value if value.count(name) > 1})
-            raise ValueError(f"each metric once; {', '.join(map(repr, twice))} is listed twice")
+            raise ValueError(
+                f"each metric once; {', '.join(map(repr, twice))} is listed more than once"
+            )
+        if isinstance(value, list) and len(value) == 1:
+            return value[0]  # a list of one is the study of that one metric
         return value
 
     @field_validator("direction")
@@ -125,6 +129,8 @@ class StudySection(_Section):
         metric = info.data.get("metric")
         if metric is None:
             return value  # metric is wrong itself; its message says so
+        if isinstance(value, list) and len(value) == 1 and isinstance(metric, str):
+            value = value[0]  # one metric (a list of one is one), one direction
         wanted = len(metric) if isinstance(metric, list) else None
         given = len(value) if isinstance(value, list) else None
         if wanted != given:

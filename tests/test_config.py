@@ -68,12 +68,12 @@ CASES = {
         ["study.direction: one direction per metric", "a list of 2 directions"],
     ),
     "one metric, a list of directions": (
-        study(study={"direction": ["maximize"]}),
+        study(study={"direction": ["maximize", "minimize"]}),
         ["study.direction: one direction per metric: metric is one name"],
     ),
     "a metric listed twice": (
         study(study={"metric": ["val_acc", "val_acc"], "direction": ["maximize", "maximize"]}),
-        ["study.metric: each metric once; 'val_acc' is listed twice"],
+        ["study.metric: each metric once; 'val_acc' is listed more than once"],
     ),
     "an empty list of metrics": (
         study(study={"metric": [], "direction": []}),

@@ -96,9 +96,12 @@ def test_a_sweep_of_two_metrics_is_pruned_and_ends_with_its_pareto_front(
     report = (study_dir.root / "tiny" / "report.html").read_text()
     assert "<h2>Pareto front</h2>" in report
     rows = json.loads(run_sweeper("trials", str(path), "--json").stdout)
-    assert {r["number"]: r["values"] for r in rows if r["state"] == "complete"} == {
+    assert {r["number"]: list(r["values"].values()) for r in rows if r["values"]} == {
         t.number: t.values for t in complete
     }
+    assert all(r["values"] is None for r in rows if r["state"] != "complete")
+    csv_head = run_sweeper("trials", str(path), "--csv").stdout.splitlines()[0]
+    assert "value_val_acc,value_val_size" in csv_head
 
     with dashboard(path) as served, page() as (tab, errors):
         assert served.get("/api/studies/1")["objective_names"] == ["val_acc", "val_size"]
@@ -195,7 +198,7 @@ def test_a_study_of_one_metric_cannot_go_on_with_two(study_dir: StudyDir) -> Non
     assert study_dir.db.read_bytes() == before
 
 
-@pytest.mark.parametrize("command", [["nightly"], ["schedule", "install"]])
+@pytest.mark.parametrize("command", [["nightly"], ["history"], ["schedule", "install"]])
 def test_nightly_refuses_several_metrics(study_dir: StudyDir, command: list[str]) -> None:
     crontab = study_dir.root / "crontab.txt"
     extra = ["--crontab-file", str(crontab)] if command[0] == "schedule" else []
@@ -203,3 +206,55 @@ def test_nightly_refuses_several_metrics(study_dir: StudyDir, command: list[str]
     one_line_error(result, "study.metric: nightly sweeps judge each night by its best value")
     assert study_dir.created() == []
     assert not crontab.exists()
+
+
+def test_a_retry_reports_anew_not_after_the_failed_run(study_dir: StudyDir) -> None:
+    """A retry is enqueued with the failed run's user attributes, ``reported`` among them."""
+    from sweeper import store
+    from sweeper.config import load_config
+
+    config = load_config(two_metrics(study_dir))
+    study = store.create_or_resume(config)
+    study.enqueue_trial({"lr": 0.01, "hidden": 8}, user_attrs={REPORTED: [[3, 0.9], [24, 0.95]]})
+    with store.claim_lock(config):
+        trial = store.claim(study, config, store.Owner.me(), {"slot": 0, "device": "cpu"})
+    assert trial is not None and trial.params == {"lr": 0.01, "hidden": 8}
+    assert not report(study, trial, 0.5, 3)
+    stored = study.get_trials(deepcopy=False)[trial.number]
+    assert stored.user_attrs[REPORTED] == [[3, 0.5]]
+
+
+def test_importances_of_a_maximized_first_metric_are_not_inverted(study_dir: StudyDir) -> None:
+    """Optuna's importance evaluators minimize a target: a maximized metric is negated."""
+    from sweeper.config import load_config
+    from sweeper.results.report import _first_target
+
+    config = load_config(two_metrics(study_dir))
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    distributions = {
+        "x": optuna.distributions.FloatDistribution(0, 1),
+        "y": optuna.distributions.FloatDistribution(0, 1),
+    }
+    for i in range(200):
+        x, y = (i * 0.618034) % 1, (i * 0.754878) % 1
+        value = x if x >= 0.5 else 0.5 * y  # the top by value: x alone; the bottom: y
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": x, "y": y}, distributions=distributions, values=[value, 1.0]
+            )
+        )
+    target = _first_target(config, minimized=True)["target"]
+    found = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), target=target
+    )
+    assert found["x"] > found["y"], found
+
+
+def test_a_list_of_one_metric_is_a_study_of_that_metric(study_dir: StudyDir) -> None:
+    from sweeper.config import load_config
+
+    path = study_dir.write(study(study={"metric": ["val_acc"], "direction": ["maximize"]}))
+    config = load_config(path)
+    assert (config.study.metric, config.study.direction) == ("val_acc", "maximize")
+    assert not config.study.multi_objective
+    assert study_dir.created() == []

@@ -65,8 +65,10 @@ def history(
     from rich.table import Table
 
     from sweeper.nightly.night import history as rows_of
+    from sweeper.nightly.night import one_metric
 
     config = load_config(study_file)
+    one_metric(config)
     rows = rows_of(config)
     if as_json:
         print_json(rows)

@@ -207,12 +207,12 @@ def trials(
         raise ConfigError("--json and --csv: choose one")
     chosen = states_named(state) if state else None
     config = study_config(study_file, night)
-    found = rows(load(config, read_only=True), chosen)
+    found = rows(load(config, read_only=True), chosen, config.study.metrics)
     if as_json:
         print_json(found)
         return
     if as_csv:
-        sys.stdout.write(to_csv(found))
+        sys.stdout.write(to_csv(found, config.study.metrics))
         return
     table = Table(
         title=f"trials of {config.study.name} ({', '.join(config.study.metrics)})",
@@ -225,7 +225,7 @@ def trials(
         table.add_row(
             str(r["number"]),
             r["state"],
-            " / ".join(f"{v:.4f}" for v in r.get("values") or [])
+            " / ".join(f"{v:.4f}" for v in (r.get("values") or {}).values())
             or ("" if r["value"] is None else f"{r['value']:.4f}"),
             params_text(r["params"]),
             r["stop_reason"] or "",

@@ -279,7 +279,9 @@ def _figures(
             figures.append(
                 (
                     f"Parameter importances{note}",
-                    vis.plot_param_importances(sample, evaluator=evaluator, **first),
+                    vis.plot_param_importances(
+                        sample, evaluator=evaluator, **_first_target(config, minimized=True)
+                    ),
                 )
             )
         shared, apart = _shared_params(sample.trials)
@@ -453,11 +455,16 @@ def _values(config: StudyConfig, trial: FrozenTrial) -> str:
     )
 
 
-def _first_target(config: StudyConfig) -> dict[str, Any]:
-    """For Optuna's charts of one objective: the first metric, in a study of several."""
+def _first_target(config: StudyConfig, minimized: bool = False) -> dict[str, Any]:
+    """For Optuna's charts of one objective: the first metric, in a study of several.
+
+    ``minimized``: for the importance evaluators, which take a target as a value
+    to minimize (a metric to maximize is negated; the chart shows no values).
+    """
     if not config.study.multi_objective:
         return {}
-    return {"target": lambda t: t.values[0], "target_name": config.study.metrics[0]}
+    sign = -1.0 if minimized and config.study.maximize else 1.0
+    return {"target": lambda t: sign * t.values[0], "target_name": config.study.metrics[0]}
 
 
 def _train_vs_val(top: Sequence[FrozenTrial], go: Any) -> Any:

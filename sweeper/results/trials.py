@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -38,25 +39,33 @@ def states_named(names: list[str]) -> set[TrialState]:
     return chosen
 
 
-def rows(study: optuna.Study, states: set[TrialState] | None = None) -> list[dict[str, Any]]:
-    """The study's trials in number order, those in ``states`` only when given."""
+def rows(
+    study: optuna.Study, states: set[TrialState] | None = None, metrics: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """The study's trials in number order, those in ``states`` only when given.
+
+    ``metrics``: the study's, when it has several: each row then has ``values``
+    by metric name (None until the trial completes).
+    """
     from sweeper.store import read_trials
 
-    return [row(t) for t in read_trials(study) if states is None or t.state in states]
+    return [row(t, metrics) for t in read_trials(study) if states is None or t.state in states]
 
 
-def row(trial: FrozenTrial) -> dict[str, Any]:
-    """One trial as ``sweeper trials`` lists it; ``values`` too in a study of several metrics
-    (``value`` is then the first metric's)."""
+def row(trial: FrozenTrial, metrics: Sequence[str] = ()) -> dict[str, Any]:
+    """One trial as ``sweeper trials`` lists it; ``value`` is the first metric's."""
     started, completed = trial.datetime_start, trial.datetime_complete
     duration = (completed - started).total_seconds() if started and completed else None
     complete = trial.state == TrialState.COMPLETE
-    several = {"values": trial.values if complete else None} if len(trial.values or []) > 1 else {}
-    return {
+    found: dict[str, Any] = {
         "number": trial.number,
         "state": trial.state.name.lower(),
         "value": first_value(trial) if complete else None,
-        **several,
+    }
+    if len(metrics) > 1:
+        found["values"] = dict(zip(metrics, trial.values, strict=True)) if complete else None
+    return {
+        **found,
         "params": dict(trial.params),
         "stop_reason": trial.user_attrs.get("stop_reason"),
         "duration_s": None if duration is None else round(duration, 3),
@@ -65,18 +74,18 @@ def row(trial: FrozenTrial) -> dict[str, Any]:
     }
 
 
-def to_csv(found: list[dict[str, Any]]) -> str:
-    """One line per trial; each parameter a column of its own (``param_<name>``)."""
+def to_csv(found: list[dict[str, Any]], metrics: Sequence[str] = ()) -> str:
+    """One line per trial; each parameter a column of its own (``param_<name>``), and with
+    several metrics each metric's value too (``value_<metric>``)."""
     names = sorted({name for r in found for name in r["params"]})
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     head = ["number", "state", "value", "stop_reason", "duration_s", "started", "completed"]
-    several = max((len(r.get("values") or []) for r in found), default=0)
-    values = [f"value_{i}" for i in range(several)]  # a study of several metrics: in order
-    writer.writerow(head + values + [f"param_{name}" for name in names])
+    several = list(metrics) if len(metrics) > 1 else []
+    writer.writerow(head + [f"value_{m}" for m in several] + [f"param_{name}" for name in names])
     for r in found:
         cells = [r[key] for key in head]
-        cells += (r.get("values") or [None] * several)[:several]
+        cells += [(r.get("values") or {}).get(m) for m in several]
         cells += [r["params"].get(name) for name in names]
         writer.writerow(["" if cell is None else cell for cell in cells])
     return buffer.getvalue()

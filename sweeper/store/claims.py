@@ -29,6 +29,7 @@ from sweeper.errors import StorageError, SweeperError
 from sweeper.space import ask, parse_space
 from sweeper.store._compat import write_user_attrs
 from sweeper.store.open import check_sqlite_path, first_line, is_server, mask_url, sqlite_path
+from sweeper.store.pruning import REPORTED
 
 LOCK_WAIT = float(os.environ.get("SWEEPER_LOCK_WAIT", "600"))
 """Seconds a claim waits for the study's claim lock before giving up with a message."""
@@ -290,5 +291,9 @@ def claim(
             f"{config.path}: sampler: asking {config.sampler.name} for a trial failed: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    if len(study.directions) > 1 and REPORTED in trial.user_attrs:
+        # A retry is enqueued with the failed run's user attributes: its own reports
+        # start anew, or the pruner would judge it by the dead run's later steps.
+        attrs = {**attrs, REPORTED: []}
     write_user_attrs(study, trial, {**owner.record(), **attrs}, first_beat=True)
     return trial
