@@ -78,9 +78,15 @@ DivergenceAwareGPSampler = gp_sampler_seeing(diverged_as_worst)
 
 
 def sampler_for(config: StudyConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """The configured sampler; ``seed`` defaults to the study seed."""
+    """The configured sampler; ``seed`` defaults to the study seed.
+
+    The grid sampler always takes the study seed: it shuffles the grid with its
+    seed and records each trial's place in that order (``grid_id``), so grid
+    samplers seeded apart would read one another's places as other points
+    (visiting one twice and another never).
+    """
     factory, args, base = _factory(config, "sampler")
-    if seed is not None:
+    if seed is not None and config.sampler.name != "grid":
         base["seed"] = seed
     return _build(config, "sampler", factory, {**base, **config.sampler.options}, *args)
 

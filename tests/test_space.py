@@ -10,6 +10,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from sweeper.errors import ConfigError
 from sweeper.space import grid_space, parse_space
+from tests.conftest import StudyDir, run_sweeper, study
 
 PATH = Path("study.toml")
 
@@ -117,3 +118,18 @@ def test_a_range_that_collapses_or_is_not_finite_is_refused(entry: dict, message
 def test_a_step_as_wide_as_the_range_keeps_both_ends() -> None:
     space = parse_space({"x": {"low": 4, "high": 32, "step": 28}}, PATH)
     assert space.distributions["x"] == IntDistribution(4, 32, step=28)
+
+
+def test_the_grid_visits_every_point_once_with_two_workers(study_dir: StudyDir) -> None:
+    """Each claim builds its sampler anew: grid samplers seeded apart saw each other's
+    ``grid_id`` as other points, ran one point twice and left another out."""
+    data = study(
+        study={"n_trials": 6},
+        search={"lr": {"choices": [0.01, 0.1, 0.3]}, "hidden": {"choices": [8, 16]}},
+        sampler={"name": "grid"},
+    )
+    result = run_sweeper("start", str(study_dir.write(data)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir.db}").trials
+    points = sorted((t.params["lr"], t.params["hidden"]) for t in trials)
+    assert points == sorted((lr, hidden) for lr in (0.01, 0.1, 0.3) for hidden in (8, 16))
