@@ -77,16 +77,22 @@ DivergenceAwareGPSampler = gp_sampler_seeing(diverged_as_worst)
 """GPSampler whose model also sees diverged trials, at the worst value (see module)."""
 
 
+SEQUENCES = ("grid", "qmc")
+"""Samplers whose points are one sequence the study keeps: seeded with the study seed only."""
+
+
 def sampler_for(config: StudyConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
     """The configured sampler; ``seed`` defaults to the study seed.
 
-    The grid sampler always takes the study seed: it shuffles the grid with its
-    seed and records each trial's place in that order (``grid_id``), so grid
-    samplers seeded apart would read one another's places as other points
-    (visiting one twice and another never).
+    The grid and QMC samplers always take the study seed: their points are one
+    sequence kept in the study, which the seed orders (the grid's shuffle, whose
+    places trials record as ``grid_id``; a scrambled QMC sequence, whose last
+    index the study keeps under a key naming the seed). Seeded apart, they read
+    one another's places as other points (the grid visited one twice and
+    another never) or each started a sequence of its own.
     """
     factory, args, base = _factory(config, "sampler")
-    if seed is not None and config.sampler.name != "grid":
+    if seed is not None and config.sampler.name not in SEQUENCES:
         base["seed"] = seed
     return _build(config, "sampler", factory, {**base, **config.sampler.options}, *args)
 

@@ -133,3 +133,16 @@ def test_the_grid_visits_every_point_once_with_two_workers(study_dir: StudyDir) 
     trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir.db}").trials
     points = sorted((t.params["lr"], t.params["hidden"]) for t in trials)
     assert points == sorted((lr, hidden) for lr in (0.01, 0.1, 0.3) for hidden in (8, 16))
+
+
+def test_a_scrambled_qmc_sequence_is_one_sequence_with_two_workers(study_dir: StudyDir) -> None:
+    """Optuna keeps a QMC sequence's last index under a key made from its seed: samplers
+    seeded apart each began a sequence of their own, at index 0."""
+    data = study(study={"n_trials": 4}, sampler={"name": "qmc", "scramble": True})
+    result = run_sweeper("start", str(study_dir.write(data)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    loaded = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir.db}")
+    found = loaded._storage.get_study_system_attrs(loaded._study_id)  # where Optuna keeps it
+    indices = {k: v for k, v in found.items() if k.startswith("qmc:")}
+    # one sequence, at its third point: Optuna samples the first trial independently
+    assert list(indices.values()) == [2], indices
