@@ -45,10 +45,16 @@ class DigitsData(pl.LightningDataModule):
 
 class DigitsMLP(pl.LightningModule):
     def __init__(
-        self, lr: float, hidden: int, dropout: float, optimizer: str, activation: str = "relu"
+        self,
+        lr: float,
+        hidden: int,
+        dropout: float,
+        optimizer: str,
+        activation: str = "relu",
+        log_size: bool = False,
     ) -> None:
         super().__init__()
-        self.lr, self.optimizer_name = lr, optimizer
+        self.lr, self.optimizer_name, self.log_size = lr, optimizer, log_size
         act = nn.Tanh() if activation == "tanh" else nn.ReLU()
         self.net = nn.Sequential(
             nn.Linear(64, hidden), act, nn.Dropout(dropout), nn.Linear(hidden, 10)
@@ -65,8 +71,8 @@ class DigitsMLP(pl.LightningModule):
         logits = self.net(x)
         self.log("val_loss", nn.functional.cross_entropy(logits, y))
         self.log("val_acc", (logits.argmax(dim=1) == y).float().mean())
-        # the model's size, a second objective for a study of two metrics (digits-tradeoff.toml)
-        self.log("val_params", float(sum(p.numel() for p in self.parameters())))
+        if self.log_size:  # the model's size, a second objective (digits-tradeoff.toml)
+            self.log("val_params", float(sum(p.numel() for p in self.parameters())))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_name == "sgd":
@@ -82,5 +88,6 @@ def build(params: dict[str, Any]) -> tuple[DigitsMLP, DigitsData]:
         params["dropout"],
         params["optimizer"],
         params.get("activation", "relu"),
+        bool(params.get("log_size", False)),
     )
     return model, DigitsData(params["batch_size"])

@@ -89,11 +89,15 @@ def sampler_for(config: StudyConfig, seed: int | None = None) -> optuna.samplers
     places trials record as ``grid_id``; a scrambled QMC sequence, whose last
     index the study keeps under a key naming the seed). Seeded apart, they read
     one another's places as other points (the grid visited one twice and
-    another never) or each started a sequence of its own.
+    another never) or each started a sequence of its own. What QMC samples
+    apart from its sequence (parameters outside the first trial's space) still
+    gets ``seed``, or every trial would draw the same value.
     """
     factory, args, base = _factory(config, "sampler")
     if seed is not None and config.sampler.name not in SEQUENCES:
         base["seed"] = seed
+    elif seed is not None and config.sampler.name == "qmc":
+        base["independent_sampler"] = optuna.samplers.RandomSampler(seed=seed)
     return _build(config, "sampler", factory, {**base, **config.sampler.options}, *args)
 
 

@@ -181,8 +181,10 @@ def test_the_pruner_sees_the_first_metric_of_a_study_of_several() -> None:
     assert view.direction == optuna.study.StudyDirection.MAXIMIZE
     seen = view.get_trials(states=(TrialState.COMPLETE,))
     assert [t.intermediate_values for t in seen] == [{1: 0.8}, {1: 0.9}]
-    assert with_reported(multi.trials[0]) is not multi.trials[0]
-    assert multi.trials[0].intermediate_values == {}
+    first = multi.get_trials(deepcopy=False)[0]
+    seen = with_reported(first)
+    assert seen is not first and seen.intermediate_values == {1: 0.8}
+    assert first.intermediate_values == {}  # the study's own trial is left as it is
 
 
 def test_a_study_of_one_metric_cannot_go_on_with_two(study_dir: StudyDir) -> None:

@@ -146,3 +146,22 @@ def test_a_scrambled_qmc_sequence_is_one_sequence_with_two_workers(study_dir: St
     indices = {k: v for k, v in found.items() if k.startswith("qmc:")}
     # one sequence, at its third point: Optuna samples the first trial independently
     assert list(indices.values()) == [2], indices
+
+
+def test_qmc_draws_what_is_outside_its_sequence_anew_at_each_claim() -> None:
+    """A parameter the first trial lacked is drawn by QMC's independent sampler, which each
+    claim builds anew: seeded alike, it drew the same value for every trial."""
+    from sweeper.config import parse_config
+    from sweeper.plugins import sampler_for, trial_seed
+
+    config = parse_config(study(sampler={"name": "qmc"}), Path("/studies/study.toml"))
+    qmc = optuna.create_study()
+    drawn = []
+    for number in range(5):
+        qmc.sampler = sampler_for(config, trial_seed(config.study.seed, number))
+        trial = qmc.ask()
+        trial.suggest_float("x", 0.0, 1.0)
+        if number:  # the first trial's space is x alone: y is outside the sequence
+            drawn.append(trial.suggest_float("y", 0.0, 1.0))
+        qmc.tell(trial, 0.0)
+    assert len(set(drawn)) == len(drawn), drawn

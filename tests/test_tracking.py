@@ -36,7 +36,6 @@ SWEEP = study(
     sampler={"name": "random"},
     pruner={"name": "threshold", "lower": 0.6},
     divergence={"patience": 2},
-    trainer={"val_check_interval": 1.0},  # once an epoch: the threshold is an epoch's
 )
 """Six trials of the tiny task: high learning rates diverge, low ones stay below the
 threshold pruner's 0.6 at their first validation and are pruned, the rest complete."""

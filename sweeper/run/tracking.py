@@ -262,8 +262,8 @@ class MLflowRun(_TrackedRun):
                 },
             )
             described = {
-                "metric": study.metric,
-                "direction": study.direction,
+                "metric": ",".join(study.metrics),
+                "direction": ",".join(study.directions),
                 "n_trials": study.n_trials,
                 "sampler": self.config.sampler.name,
                 "pruner": self.config.pruner.name,

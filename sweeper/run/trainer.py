@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 import types
 import warnings
 from typing import Any
@@ -153,8 +152,7 @@ def trainer_options(
 ) -> dict[str, Any]:
     """Trainer arguments: sweeper's quiet defaults, then ``[trainer]``, then the device.
 
-    A ``max_epochs`` param (sampled or fixed) overrides ``[trainer] max_epochs``; a
-    short trial that a pruner watches validates more often (:func:`validation_cadence`).
+    A ``max_epochs`` param (sampled or fixed) overrides ``[trainer] max_epochs``.
     On a GPU that supports bf16, training runs in bf16 mixed precision unless
     ``[trainer] precision`` says otherwise; on the CPU, in fp32.
     """
@@ -170,39 +168,9 @@ def trainer_options(
     }
     if params and params.get("max_epochs") is not None:
         options["max_epochs"] = int(params["max_epochs"])
-    options.update(validation_cadence(config, options.get("max_epochs")))
     if slot.gpu is not None and "precision" not in config.trainer and _bf16_supported():
         options["precision"] = "bf16-mixed"
     return options
-
-
-PRUNING_VALIDATIONS = 4
-"""Validations a pruned trial gets at least, when ``[trainer]`` does not say how often."""
-
-CADENCE_KEYS = ("val_check_interval", "check_val_every_n_epoch")
-
-
-def validation_cadence(config: StudyConfig, max_epochs: Any) -> dict[str, Any]:
-    """How often a trial validates, when a pruner watches it and ``[trainer]`` does not say.
-
-    A pruner can only stop a trial at a validation: with Lightning's once an
-    epoch, a trial of 1 or 2 epochs would be judged once or twice, late. So a
-    trial of fewer than :data:`PRUNING_VALIDATIONS` epochs validates several
-    times an epoch, at least that many times in all (1 epoch: every quarter;
-    2 or 3: every half). Not with ``[pruner] name = "none"``, nor with k-fold
-    (the pruner judges whole folds), nor when ``[trainer]`` sets either
-    cadence key.
-    """
-    if (
-        config.pruner.name == "none"
-        or config.validation.folds > 1
-        or any(key in config.trainer for key in CADENCE_KEYS)
-        or isinstance(max_epochs, bool)
-        or not isinstance(max_epochs, int)
-        or not 0 < max_epochs < PRUNING_VALIDATIONS
-    ):
-        return {}
-    return {"val_check_interval": 1 / math.ceil(PRUNING_VALIDATIONS / max_epochs)}
 
 
 def _bf16_supported() -> bool:

@@ -286,8 +286,7 @@ def _cross_validate(
         values.append(fit.recorder.best_values[0])
         errors += fit.recorder.best_errors
         mean = sum(values) / len(values)
-        pruned = report(trial.study, trial, mean, fold)
-        if fold < folds - 1 and pruned:
+        if report(trial.study, trial, mean, fold, judge=fold < folds - 1):
             reason = f"pruned by {config.pruner.name} after fold {fold + 1} of {folds}"
             return (
                 TrialState.PRUNED,

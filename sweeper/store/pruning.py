@@ -27,13 +27,21 @@ REPORTED = "reported"
 intermediate values, ``[[step, value], ...]``."""
 
 
-def report(study: optuna.Study, trial: optuna.Trial, value: float, step: int) -> bool:
-    """Report the (first) metric's ``value`` at ``step``; True when the pruner stops the trial."""
+def report(
+    study: optuna.Study, trial: optuna.Trial, value: float, step: int, judge: bool = True
+) -> bool:
+    """Report the (first) metric's ``value`` at ``step``; True when the pruner stops the trial.
+
+    ``judge=False`` records the value without asking the pruner (a k-fold trial's last fold:
+    a whole trial is never pruned, and asking would leave ASHA a rung record).
+    """
     if len(study.directions) == 1:
         trial.report(value, step)
-        return trial.should_prune()
+        return judge and trial.should_prune()
     reported = [*trial.user_attrs.get(REPORTED, []), [step, value]]
     write_user_attrs(study, trial, {REPORTED: reported})
+    if not judge:
+        return False
     current = storage_of(study).get_trial(trial_id(trial))
     return bool(study.pruner.prune(FirstObjective(study), with_reported(current)))  # type: ignore[arg-type]
 

@@ -66,7 +66,8 @@ def first_value(trial: FrozenTrial) -> float | None:
 
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
-    """The COMPLETE trials no other complete trial beats on every metric, best first metric first.
+    """The COMPLETE trials that no other complete trial dominates (as good on every metric and
+    better on one), best first metric first.
 
     Confirmations are none of them: a study of several objectives has none.
     """
