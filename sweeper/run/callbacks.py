@@ -70,15 +70,14 @@ class TrialRecorder(pl.Callback):
     At each validation: the study metric (the first, of several) is reported
     as an intermediate value at the global step; every ``val_*`` and
     ``train_*`` metric, with the mean training loss since the previous
-    validation as ``train_loss``, is appended
-    to ``user_attrs["history"]``; the best value so far and its step are kept
-    for the objective, with every study metric at that validation
-    (``best_values``). In a fold of a cross-validated trial (``fold``) the
-    records are tagged with it and appended to the trial's shared ``history``,
-    and nothing is reported (the trial reports each fold's best). At each new
-    best the module's ``validation_errors``
-    (if it has them) are kept, and with ``keep_weights`` a CPU copy of its
-    weights.
+    validation as ``train_loss``, is appended to ``user_attrs["history"]``;
+    the best value so far and its step are kept for the objective, with every
+    study metric at that validation (``best_values``). In a fold of a
+    cross-validated trial (``fold``) the records are tagged with it and
+    appended to the trial's shared ``history``, and nothing is reported (the
+    trial reports each fold's best). At each new best the module's
+    ``validation_errors`` (if it has them) are kept, and with
+    ``keep_weights`` a CPU copy of its weights.
     """
 
     def __init__(
