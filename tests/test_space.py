@@ -10,6 +10,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from sweeper.errors import ConfigError
 from sweeper.space import grid_space, parse_space
+from sweeper.store._compat import storage_of, study_id
 from tests.conftest import StudyDir, run_sweeper, study
 
 PATH = Path("study.toml")
@@ -142,7 +143,7 @@ def test_a_scrambled_qmc_sequence_is_one_sequence_with_two_workers(study_dir: St
     result = run_sweeper("start", str(study_dir.write(data)))
     assert result.returncode == 0, result.stdout + result.stderr
     loaded = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir.db}")
-    found = loaded._storage.get_study_system_attrs(loaded._study_id)  # where Optuna keeps it
+    found = storage_of(loaded).get_study_system_attrs(study_id(loaded))  # where Optuna keeps it
     indices = {k: v for k, v in found.items() if k.startswith("qmc:")}
     # one sequence, at its third point: Optuna samples the first trial independently
     assert list(indices.values()) == [2], indices
