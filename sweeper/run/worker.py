@@ -42,6 +42,10 @@ class TrialProcess:
 UNCLAIMED_LIMIT = 3
 """Trial processes in a row that die before their claim is done stop the worker."""
 
+CLAIM_GRACE = 5.0
+"""Seconds a stopping worker lets its trial process finish a claim under way (well within
+the supervisor's grace for its workers)."""
+
 OTHER_HOSTS_POLL = 5.0
 """Seconds between looks at other machines' trials once this one has no place left."""
 
@@ -63,6 +67,7 @@ class Worker:
         _quiet()  # after the imports: Lightning sets its loggers' levels on import
         self.study = store.load(config)
         self.stopping = False
+        self.stopped_at = 0.0
         self.code = 0
         self.unclaimed = 0
 
@@ -184,7 +189,11 @@ class Worker:
 
                 heartbeat(self.study, child.number)
                 last_beat = now
-            if self.stopping or (limit is not None and now - child.started > limit):
+            # A trial still being claimed is let finish its claim (briefly): killed inside
+            # it, it would leave a trial with no owner RUNNING until the next claim.
+            claiming = child.number is None and now - self.stopped_at < CLAIM_GRACE
+            stopped = self.stopping and not claiming
+            if stopped or (limit is not None and now - child.started > limit):
                 os.kill(child.pid, signal.SIGKILL)
                 _, status = os.waitpid(child.pid, 0)
                 if not self.stopping and limit is not None:
@@ -224,6 +233,7 @@ class Worker:
     def stop(self, *_: object) -> None:
         """Finish now: the running trial is killed, failed and enqueued again."""
         self.stopping = True
+        self.stopped_at = time.monotonic()
 
 
 def _quiet() -> None:
