@@ -38,10 +38,11 @@ def test_a_fold_count_below_two_is_refused() -> None:
         stratified_folds(LABELS, 1, seed=0)
 
 
-def scripted(study_dir: StudyDir, **sections: object) -> Path:
+def scripted(study_dir: StudyDir, keys: dict | None = None, **sections: object) -> Path:
+    """A 3-fold study of the scripted task, beside it; ``keys`` go into ``[study]``."""
     shutil.copy(FIXTURES / "scripted_task.py", study_dir.root / "scripted_task.py")
     data = study(
-        study={"n_trials": 2, "keep_weights": 0},
+        study={"n_trials": 2, "keep_weights": 0, **(keys or {})},
         task={"name": "scripted_task:build"},
         trainer={"max_epochs": 3},
         search={"scale": {"low": 0.5, "high": 1.0, "step": 0.5}, "curve": "0.5,0.9,0.8"},

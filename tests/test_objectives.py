@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tomllib
 from pathlib import Path
 
@@ -13,7 +12,8 @@ from optuna.trial import TrialState
 
 from sweeper.store.pruning import REPORTED, FirstObjective, report, with_reported
 from tests.browser import page, screenshot
-from tests.conftest import FIXTURES, StudyDir, one_line_error, run_sweeper, study
+from tests.conftest import StudyDir, one_line_error, run_sweeper, study
+from tests.test_folds import scripted
 from tests.test_views import dashboard
 
 TWO = {"metric": ["val_acc", "val_size"], "direction": ["maximize", "minimize"]}
@@ -136,23 +136,10 @@ def test_a_second_metric_that_is_nan_fails_the_trial(study_dir: StudyDir) -> Non
 
 
 def test_folds_average_each_metric_and_prune_on_the_first(study_dir: StudyDir) -> None:
-    shutil.copy(FIXTURES / "scripted_task.py", study_dir.root / "scripted_task.py")
-    data = study(
-        study={
-            "metric": ["val_acc", "val_loss"],
-            "direction": ["maximize", "minimize"],
-            "n_trials": 2,
-            "keep_weights": 0,
-        },
-        task={"name": "scripted_task:build"},
-        trainer={"max_epochs": 3},
-        search={"scale": {"low": 0.5, "high": 1.0, "step": 0.5}, "curve": "0.5,0.9,0.8"},
-        sampler={"name": "grid"},
-        pruner={"name": "threshold", "lower": 0.6},
-        validation={"folds": 3},
-        resources={"devices": "cpu", "cpu_workers": 1},
+    path = scripted(
+        study_dir, {"metric": ["val_acc", "val_loss"], "direction": ["maximize", "minimize"]}
     )
-    result = run_sweeper("start", str(study_dir.write(data)))
+    result = run_sweeper("start", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir.db}").trials
     by_scale = {t.params["scale"]: t for t in trials}

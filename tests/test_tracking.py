@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 import time
@@ -22,7 +21,8 @@ from typer.testing import CliRunner
 from sweeper.cli import app
 from sweeper.config import load_config
 from sweeper.run.tracking import outcome, trial_run
-from tests.conftest import FIXTURES, StudyDir, one_line_error, run_sweeper, study, sweeper_cmd
+from tests.conftest import StudyDir, one_line_error, run_sweeper, study, sweeper_cmd
+from tests.test_folds import scripted
 from tests.test_fuzz import FULL, assert_refused, bad_values
 
 runner = CliRunner()
@@ -171,20 +171,7 @@ def test_mlflow_nests_a_run_per_trial_under_the_study_run(
 def test_a_cross_validated_trial_is_one_run_across_its_folds(study_dir: StudyDir) -> None:
     from mlflow import MlflowClient
 
-    shutil.copy(FIXTURES / "scripted_task.py", study_dir.root / "scripted_task.py")
-    path = study_dir.write(
-        study(
-            study={"n_trials": 2, "keep_weights": 0},
-            task={"name": "scripted_task:build"},
-            trainer={"max_epochs": 3},
-            search={"scale": {"low": 0.5, "high": 1.0, "step": 0.5}, "curve": "0.5,0.9,0.8"},
-            sampler={"name": "grid"},
-            pruner={"name": "threshold", "lower": 0.6},
-            validation={"folds": 3},
-            resources={"devices": "cpu", "cpu_workers": 1},
-            tracking={"backend": "mlflow"},
-        )
-    )
+    path = scripted(study_dir, tracking={"backend": "mlflow"})
     result = run_sweeper("start", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     client = MlflowClient(f"sqlite:///{study_dir.root / 'mlflow.db'}")
