@@ -5,10 +5,10 @@
     python bench/scale.py --quick    # 8 and 32 processes for 6 s, 10,000 trials: about a minute
     python bench/scale.py --storages sqlite --reads-only    # the read table alone
 
-Each claimer is a warm parent that forks a process per trial, as sweeper's
-worker does; the child opens its own connections, claims under the study's
-claim lock (owner record, first heartbeat), and tells a trivial result (no
-torch: the point is the storage). A dashboard-like reader polls the study
+Each claimer does what sweeper's worker does: it claims under the study's
+claim lock (owner record, first heartbeat), forks a process for the trial,
+which sends a trivial outcome back (no torch: the point is the storage), and
+tells it. A dashboard-like reader polls the study
 throughout. Plain Optuna workers run ``study.optimize`` on a study of the same
 storage kind for comparison. Both use the random sampler, so the sampler's own
 cost stays out of the figures. PostgreSQL is the server on loopback
@@ -178,8 +178,9 @@ class Connections(threading.Thread):
                 time.sleep(0.05)
 
 
-CONNECTIONS_PER_PROCESS = 3
-"""Server sessions of one claimer (its parent's pooled one, its trial's and the claim lock's)."""
+CONNECTIONS_PER_PROCESS = 2
+"""Server sessions of one claimer (its pooled one and the claim lock's; a trial process opens
+one of its own only to report to the pruner, which these trivial trials do not)."""
 
 
 def room_on_server() -> int:
@@ -195,32 +196,24 @@ def room_on_server() -> int:
     return int(row[0]) if row else 0
 
 
-def one_trial(config: StudyConfig, study: optuna.Study, channel: int) -> None:
-    """In a forked process: claim a trial as sweeper's trial process does, tell, report."""
-    from optuna.trial import TrialState
-
+def one_trial(study: optuna.Study, channel: int) -> None:
+    """In a forked process: run a trivial trial and send its outcome, as a trial process does."""
     store.forget_connections(study)
-    began = time.perf_counter()
-    try:
-        with store.claim_lock(config):
-            trial = store.claim(study, config, store.Owner.me(), {"slot": 0, "device": "cpu"})
-        claimed = time.perf_counter() - began
-        if trial is None:
-            os.write(channel, b"none\n")
-            return
-        told = store.tell(
-            study, trial, TrialState.COMPLETE, random.random(), {"stop_reason": "completed"}
-        )
-        os.write(channel, f"{claimed}\n".encode() if told else b"error: not told\n")
-    except Exception as exc:  # counted as an error of this row
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        os.write(channel, f"error: {type(exc).__name__}: {first[:200]}\n".encode())
+    outcome = {
+        "state": "COMPLETE",
+        "values": [random.random()],
+        "attrs": {"stop_reason": "completed"},
+    }
+    os.write(channel, json.dumps(outcome).encode() + b"\n")
 
 
 def sweeper_claimer(
     path: str, seconds: float, barrier: Any, results: Any
 ) -> None:  # pragma: no cover - runs in a child
-    """A warm parent forking one process per trial until the time is up."""
+    """A worker: claim under the study's claim lock, fork a process per trial, tell what it
+    sent, until the time is up."""
+    from optuna.trial import TrialState
+
     config = load_config(path)
     study = store.load(config)
     store.forget_connections(study)
@@ -229,13 +222,22 @@ def sweeper_claimer(
     barrier.wait()
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        store.before_fork(study)  # as sweeper's worker does
+        began = time.perf_counter()
+        try:
+            with store.claim_lock(config):
+                trial = store.claim(study, config, store.Owner.me(), {"slot": 0, "device": "cpu"})
+        except Exception as exc:  # counted as an error of this row
+            errors.append(f"error: {type(exc).__name__}: {str(exc).strip()[:200]}")
+            continue
+        if trial is None:
+            continue
+        latencies.append(time.perf_counter() - began)
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(read_end)
             try:
-                one_trial(config, study, write_end)
+                one_trial(study, write_end)
             finally:
                 os._exit(0)
         os.close(write_end)
@@ -244,11 +246,16 @@ def sweeper_claimer(
             chunks.append(chunk)
         os.close(read_end)
         _, status = os.waitpid(pid, 0)
-        said = b"".join(chunks).decode().strip()
-        if said.startswith("error") or status != 0 or not said:
-            errors.append(said or f"trial process ended with status {status}")
-        elif said != "none":
-            latencies.append(float(said))
+        try:
+            sent = json.loads(b"".join(chunks))
+            told = store.tell(
+                study, trial, TrialState[sent["state"]], sent["values"], sent["attrs"]
+            )
+        except Exception as exc:  # counted as an error of this row
+            errors.append(f"error: {type(exc).__name__}: {str(exc).strip()[:200]}")
+            continue
+        if status != 0 or not told:
+            errors.append(f"trial process ended with status {status}, told: {told}")
     results.put((latencies, errors))
 
 

@@ -77,6 +77,10 @@ DivergenceAwareGPSampler = gp_sampler_seeing(diverged_as_worst)
 """GPSampler whose model also sees diverged trials, at the worst value (see module)."""
 
 
+RUNS_TORCH = ("gp",)
+"""Samplers that run torch to sample (the gp sampler fits its model with it): a process that
+goes on to fork must not ask them, as a fork of a process that ran torch hangs in OpenMP."""
+
 SEQUENCES = ("grid", "qmc")
 """Samplers whose points are one sequence the study keeps: seeded with the study seed only."""
 

@@ -303,7 +303,7 @@ def test_a_worker_killed_mid_sweep_is_started_again_and_its_trial_retried(
 ) -> None:
     sweep = start_slow_sweep(study_dir)
     victim = wait_for(lambda: running_with_pid(study_dir), what="a running trial")[0]
-    os.kill(parent_of(victim.user_attrs["pid"]), signal.SIGKILL)  # the trial's worker
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)  # the trial's worker
     out, err = sweep.communicate(timeout=300)
     assert sweep.returncode == 0, out + err
     trials = load(study_dir).get_trials()
@@ -321,7 +321,7 @@ def test_the_workers_parent_killed_mid_sweep_ends_the_run_with_nothing_left_runn
 ) -> None:
     sweep = start_slow_sweep(study_dir)
     victim = wait_for(lambda: running_with_pid(study_dir), what="a running trial")[0]
-    warm = parent_of(parent_of(victim.user_attrs["pid"]))  # trial < worker < warm parent
+    warm = parent_of(victim.user_attrs["pid"])  # worker < warm parent
     assert parent_of(warm) == sweep.pid
     os.kill(warm, signal.SIGKILL)
     out, err = sweep.communicate(timeout=120)

@@ -250,3 +250,26 @@ def test_a_retry_left_waiting_is_not_run_once_the_search_is_done(study_dir: Stud
     assert take(created, config) is None
     assert created.trials[-1].state == TrialState.WAITING
     assert Snapshot(created.trials, 2, since=0).failures() == [], "not the task's failure"
+
+
+def test_the_last_point_of_a_grid_is_told_and_failed_without_an_error(study_dir: StudyDir) -> None:
+    """Optuna's grid sampler asks the study to stop once every point is visited, which Optuna
+    refuses outside ``study.optimize``: a worker telling that trial must not crash."""
+    from sweeper.plugins import sampler_for
+    from sweeper.store import tell
+
+    config = make(
+        study_dir,
+        study={"n_trials": 3},
+        sampler={"name": "grid"},
+        search={"lr": {"choices": [0.1, 0.2]}, "hidden": 8},
+    )
+    created = create_or_resume(config)
+    created.sampler = sampler_for(config)
+    first, last = take(created, config), take(created, config)
+    assert tell(created, first, TrialState.COMPLETE, 0.5, {"stop_reason": "completed"})
+    assert tell(created, last, TrialState.COMPLETE, 0.6, {"stop_reason": "completed"})
+    again = take(created, config)
+    assert fail_trial(created, config, again.number, "killed", retries=0)
+    states = [t.state for t in created.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]

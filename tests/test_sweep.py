@@ -63,6 +63,12 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def trial_process(trial) -> int:
+    """The process that runs ``trial``: forked by the worker its owner record names."""
+    worker = trial.user_attrs["pid"]
+    return next(pid for pid in descendants(worker) if parent_of(pid) == worker)
+
+
 def wait_for(condition, timeout: float = 120.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -216,7 +222,7 @@ def test_systematic_failure_stops_the_sweep(study_dir: StudyDir) -> None:
 def test_killed_trial_is_failed_and_retried_with_its_params(study_dir: StudyDir) -> None:
     sweep = start_slow_sweep(study_dir)
     victim = wait_for(lambda: running_with_pid(study_dir), what="a running trial")[0]
-    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    os.kill(trial_process(victim), signal.SIGKILL)
     out, err = sweep.communicate(timeout=300)
     assert sweep.returncode == 0, out + err
     trials = load(study_dir).get_trials()

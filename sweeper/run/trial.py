@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -32,12 +33,11 @@ from sweeper.store import (
     claim_lock,
     is_confirmation,
     report,
-    tell,
 )
 from sweeper.tasks import Build
 
 EXIT_TOLD = 0
-"""The trial ran and its outcome is in the study, whatever that outcome."""
+"""The trial ran and its outcome was sent to the worker, whatever that outcome."""
 
 EXIT_NO_TRIAL = 3
 """Nothing left to claim: ``n_trials`` are finished or under way."""
@@ -52,28 +52,15 @@ CONFIDENT_ERRORS = 20
 """Validation examples the best model gets wrong most confidently, kept per trial."""
 
 
-def run_trial(
-    config: StudyConfig,
-    slot: Slot,
-    build: Build,
-    study: optuna.Study,
-    channel: int,
-    since: int | None = None,
-) -> int:
-    """Claim the next trial, train it and tell the study; returns an exit code.
-
-    ``study`` is the worker's, inherited through the fork: its engine has been
-    disposed of without closing the parent's connections, so this process
-    opens its own and keeps the engine's compiled statements. The trial's id
-    and number are written to ``channel`` as soon as it exists, so the worker
-    can record its end if this process dies; until then the owner record the
-    claim wrote lets any later claim tell that it died.
-    """
-    limit_threads(slot.threads)
+def claim_next(
+    config: StudyConfig, slot: Slot, study: optuna.Study, owner: Owner, since: int | None
+) -> optuna.Trial | int:
+    """Claim the next trial for ``owner`` under the study's claim lock: the trial, or the exit
+    code that says why there is none (its message printed)."""
     try:
         with claim_lock(config):
             attrs = {"slot": slot.index, "device": slot.device}
-            trial = claim(study, config, Owner.me(), attrs, since)
+            trial = claim(study, config, owner, attrs, since)
     except SamplerFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SAMPLER
@@ -85,16 +72,56 @@ def run_trial(
 
         print(f"error: {storage_failure(exc)}", file=sys.stderr)
         return EXIT_STORAGE
+    return EXIT_NO_TRIAL if trial is None else trial
+
+
+def run_trial(
+    config: StudyConfig,
+    slot: Slot,
+    build: Build,
+    study: optuna.Study,
+    channel: int,
+    trial: optuna.Trial | None = None,
+    since: int | None = None,
+) -> int:
+    """Train ``trial`` and send its outcome to the worker; returns an exit code.
+
+    Runs in the process forked for the trial: ``study`` is the worker's,
+    its engine disposed of without closing the worker's connections, so this
+    process opens its own (for the pruner's reports) and keeps the engine's
+    compiled statements. The worker claims the trial before the fork and records the
+    outcome this process writes to ``channel``. Where the sampler runs torch
+    (which the worker must not), ``trial`` is None: this process claims it for
+    the worker and writes its number first, so the worker can record its end
+    if this process dies.
+    """
+    limit_threads(slot.threads)
     if trial is None:
-        return EXIT_NO_TRIAL
-    os.write(channel, f"{trial.number}\n".encode())
+        claimed = claim_next(config, slot, study, Owner.forked(), since)
+        if isinstance(claimed, int):
+            return claimed
+        trial = claimed
+        send(channel, f"{trial.number}")
     run = trial_run(config, trial.number, trial_params(config, trial))
     state, values, attrs = _train(config, slot, build, study, trial, run)
     run.ended(state, values[0] if values else None, attrs)
     if "error" in attrs:
         print(f"trial {trial.number} failed:\n{attrs['error']}", file=sys.stderr)
-    tell(study, trial, state, values, attrs)
+    send(channel, json.dumps({"state": state.name, "values": values, "attrs": attrs}, default=str))
     return EXIT_TOLD
+
+
+def send(channel: int, line: str) -> None:
+    """Write one line to the worker, whole."""
+    data = line.encode() + b"\n"
+    while data:
+        data = data[os.write(channel, data) :]
+
+
+def outcome(line: bytes) -> tuple[TrialState, list[float] | None, dict[str, Any]]:
+    """The outcome a trial process sent: its state, values and attributes."""
+    sent = json.loads(line)
+    return TrialState[sent["state"]], sent["values"], sent["attrs"]
 
 
 def limit_threads(threads: int) -> None:

@@ -16,14 +16,18 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sweeper.config import StudyConfig
 from sweeper.errors import SweeperError
+from sweeper.plugins import RUNS_TORCH
 from sweeper.run.devices import Slot
 from sweeper.run.warm import die_with_parent, run_child
 from sweeper.store import HEARTBEAT_INTERVAL
 from sweeper.tasks import Build
+
+if TYPE_CHECKING:
+    import optuna
 
 EXIT_BAD_INPUT = 2
 
@@ -36,7 +40,11 @@ class TrialProcess:
     channel: int
     started: float
     number: int | None = None
+    trial: optuna.Trial | None = None
+    """The trial, where the worker claimed it (else the trial process did, for it)."""
     timed_out: bool = False
+    told: bool = False
+    """Its outcome is recorded."""
 
 
 UNCLAIMED_LIMIT = 3
@@ -66,6 +74,8 @@ class Worker:
 
         _quiet()  # after the imports: Lightning sets its loggers' levels on import
         self.study = store.load(config)
+        self.claims = config.sampler.name not in RUNS_TORCH
+        """This process claims each trial before the fork; else the trial process does."""
         self.stopping = False
         self.stopped_at = 0.0
         self.code = 0
@@ -112,79 +122,95 @@ class Worker:
         return False
 
     def _run_one(self) -> bool:
-        """Fork and watch one trial; False when there was nothing left to claim."""
-        from sweeper.run.trial import EXIT_NO_TRIAL, EXIT_SAMPLER
-        from sweeper.store import before_fork
+        """Claim, fork and watch one trial; False when there was nothing left to claim."""
+        from sweeper.run.trial import claim_next
+        from sweeper.store import Owner, before_fork
 
-        before_fork(self.study)
-        child = self._fork()
+        trial = None
+        if self.claims:
+            claimed = claim_next(self.config, self.slot, self.study, Owner.me(), self.since)
+            if isinstance(claimed, int):
+                return self._unclaimed(claimed)
+            trial = claimed
+        else:
+            before_fork(self.study)
+        child = self._fork(trial)
         status = self._watch(child)
         os.close(child.channel)
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        if child.timed_out:  # failed as timed out: a trial's outcome, not a broken claim
+        if child.told or child.timed_out:  # its outcome is recorded, whatever its exit
             self.unclaimed = 0
             return True
+        if child.number is None:  # it claimed for this worker, and got no trial
+            return self._unclaimed(os.WEXITSTATUS(status) if os.WIFEXITED(status) else None)
+        self.unclaimed = 0
+        self._record_death(child, status)
+        return True
+
+    def _unclaimed(self, code: int | None) -> bool:
+        """After a claim that gave no trial, ``code`` saying why: whether to claim again."""
+        from sweeper.run.trial import EXIT_NO_TRIAL, EXIT_SAMPLER
+
         if code == EXIT_NO_TRIAL:
             return False
         if code == EXIT_SAMPLER:  # the trial is failed; the sweep cannot go on
             self.code = EXIT_BAD_INPUT
             return False
-        if child.number is None and code != 0 and not self.stopping:
-            # It died claiming (the storage failing, a kill): the next claim
-            # recovers its trial; claims that keep failing stop this worker.
-            self.unclaimed += 1
-            if self.unclaimed >= UNCLAIMED_LIMIT:  # the last one's own message says why
-                self.code = 1
-                return False
+        if self.stopping:
             return True
-        self.unclaimed = 0
-        if child.number is not None and code != 0:
-            self._record_death(child, status)
+        # The claim failed (the storage failing, a kill): the next claim recovers
+        # its trial; claims that keep failing stop this worker.
+        self.unclaimed += 1
+        if self.unclaimed >= UNCLAIMED_LIMIT:  # the last one's own message says why
+            self.code = 1
+            return False
         return True
 
-    def _fork(self) -> TrialProcess:
+    def _fork(self, trial: optuna.Trial | None) -> TrialProcess:
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the trial process
             os.close(read_end)
-            run_child(lambda: self._child(write_end))
+            run_child(lambda: self._child(write_end, trial))
         os.close(write_end)
-        return TrialProcess(pid=pid, channel=read_end, started=time.monotonic())
+        number = None if trial is None else trial.number
+        return TrialProcess(pid, read_end, time.monotonic(), number, trial)
 
-    def _child(self, channel: int) -> int:
+    def _child(self, channel: int, trial: optuna.Trial | None) -> int:
         from sweeper.run.trial import run_trial
+        from sweeper.store import forget_connections
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         die_with_parent(signal.SIGKILL, "sweeper-trial")
-        from sweeper.store import forget_connections
-
         forget_connections(self.study)
-        return run_trial(self.config, self.slot, self.build, self.study, channel, self.since)
+        config, slot, since = self.config, self.slot, self.since
+        return run_trial(config, slot, self.build, self.study, channel, trial, since)
 
     def _watch(self, child: TrialProcess) -> int:
-        """Wait for the child, beating the trial's heartbeat and enforcing the time limit."""
+        """Wait for the child, beating the trial's heartbeat, recording the outcome it sends
+        and enforcing the time limit."""
         buffer = b""
         limit = self.config.resources.trial_timeout
-        last_beat = 0.0
+        last_beat = time.monotonic()  # a claim writes the first heartbeat
         open_channel = True
         while True:
             pid, status = os.waitpid(child.pid, os.WNOHANG)
             if pid:
+                if open_channel:  # what it sent just before it ended
+                    self._heard(child, buffer + _drain(child.channel))
                 return status
             if open_channel:
                 ready, _, _ = select.select([child.channel], [], [], 0.2)
                 if ready:
-                    data = os.read(child.channel, 4096)
+                    data = os.read(child.channel, 1 << 16)
                     open_channel = bool(data)
-                    buffer += data
-                    if b"\n" in buffer and child.number is None:
-                        child.number = int(buffer.split(b"\n", 1)[0])
-                        last_beat = time.monotonic()  # the claim wrote the first heartbeat
+                    buffer = self._heard(child, buffer + data)
             else:
                 time.sleep(0.05)
             now = time.monotonic()
-            if child.number is not None and now - last_beat >= HEARTBEAT_INTERVAL:
+            if child.number is None:
+                last_beat = now
+            elif not child.told and now - last_beat >= HEARTBEAT_INTERVAL:
                 from sweeper.store import heartbeat
 
                 heartbeat(self.study, child.number)
@@ -196,9 +222,39 @@ class Worker:
             if stopped or (limit is not None and now - child.started > limit):
                 os.kill(child.pid, signal.SIGKILL)
                 _, status = os.waitpid(child.pid, 0)
-                if not self.stopping and limit is not None:
+                if not self.stopping and limit is not None and not child.told:
                     self._time_out(child, limit)
                 return status
+
+    def _heard(self, child: TrialProcess, buffer: bytes) -> bytes:
+        """Act on the whole lines of ``buffer`` (the trial's number, then its outcome); the
+        rest, for later."""
+        *lines, rest = buffer.split(b"\n")
+        for line in filter(None, lines):
+            if child.number is None:
+                child.number = int(line)
+            elif not child.told:
+                self._tell(child, line)
+        return rest
+
+    def _tell(self, child: TrialProcess, line: bytes) -> None:
+        """Record the outcome the trial process sent (a trial failed meanwhile stays failed)."""
+        import optuna
+
+        from sweeper.run.trial import outcome
+        from sweeper.store import running_trial, tell
+
+        assert child.number is not None
+        state, values, attrs = outcome(line)
+        for attempt in range(2):  # once more on a new connection: the server may have dropped it
+            try:
+                trial = child.trial or running_trial(self.study, child.number)
+                tell(self.study, trial, state, values, attrs)
+                break
+            except optuna.exceptions.StorageInternalError:
+                if attempt:
+                    raise
+        child.told = True
 
     def _record_death(self, child: TrialProcess, status: int) -> None:
         from sweeper.store import INTERRUPTED, fail_trial
@@ -234,6 +290,14 @@ class Worker:
         """Finish now: the running trial is killed, failed and enqueued again."""
         self.stopping = True
         self.stopped_at = time.monotonic()
+
+
+def _drain(channel: int) -> bytes:
+    """What is left to read in a pipe whose writer has ended."""
+    chunks = []
+    while chunk := os.read(channel, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _quiet() -> None:

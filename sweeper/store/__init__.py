@@ -10,6 +10,7 @@ defined once, and answer status questions with one query each.
 
 from __future__ import annotations
 
+from sweeper.store._compat import running_trial
 from sweeper.store.claims import (
     Owner,
     SamplerFailed,
@@ -125,6 +126,7 @@ __all__ = [
     "recover",
     "report",
     "request_stop",
+    "running_trial",
     "running_trials",
     "snapshot",
     "sqlite_path",

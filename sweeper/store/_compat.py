@@ -12,10 +12,11 @@ message instead of deep inside a sweep.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterator
 from typing import Any
 
 import optuna
@@ -57,6 +58,27 @@ def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
 
 def study_id(study: optuna.Study) -> int:
     return int(study._study_id)
+
+
+def running_trial(study: optuna.Study, number: int) -> optuna.Trial:
+    """The trial ``number`` of ``study`` as the process running it holds it, to tell it."""
+    found = storage_of(study).get_trial_id_from_study_id_trial_number(study_id(study), number)
+    return optuna.Trial(study, found)
+
+
+@contextlib.contextmanager
+def telling(study: optuna.Study) -> Iterator[None]:
+    """Tell trials as ``study.optimize`` would: a sampler that asks the study to stop (the grid
+    sampler, once every point is visited) is heard, not refused with a RuntimeError; sweeper's
+    claims decide when a study has run enough."""
+    local = study._thread_local
+    before = local.in_optimize_loop
+    local.in_optimize_loop = True
+    try:
+        yield
+    finally:
+        local.in_optimize_loop = before
+        study._stop_flag = False
 
 
 def storage_of(study: optuna.Study) -> BaseStorage:
@@ -237,6 +259,8 @@ def _check() -> None:
         (trial, "_cached_frozen_trial"),
         (study, "_study_id"),
         (study, "_storage"),
+        (study, "_stop_flag"),
+        (study._thread_local, "in_optimize_loop"),
     ):
         if not hasattr(owner, name):
             problems.append(f"{type(owner).__name__}.{name} is gone")

@@ -45,11 +45,16 @@ class SamplerFailed(SweeperError):
 
 @dataclass(frozen=True)
 class Owner:
-    """Who runs a trial: its host, its process and the worker that forked it.
+    """Who runs a trial: its host, its process and, where that process was forked to claim
+    it, the worker that forked it.
 
-    Each process is named by pid and start time, so a pid reused by a newer
-    process does not look alive. The worker records its trial's end when the
-    trial process dies, so a trial is orphaned only once both are gone.
+    A worker claims a trial and forks a process to run it, recording the
+    trial's end when that process dies (the process dies with its worker):
+    the worker owns the trial. Where the sampler runs torch, the forked
+    process claims for its worker; it owns the trial then, and its worker
+    records its end. Each process is named by pid and start time, so a pid
+    reused by a newer process does not look alive. A trial is orphaned once
+    both are gone.
     """
 
     host: str
@@ -60,7 +65,13 @@ class Owner:
 
     @classmethod
     def me(cls) -> Owner:
-        """This process, forked by the worker that is its parent."""
+        """This process, which records the end of the trials it claims."""
+        pid = os.getpid()
+        return cls(socket.gethostname(), pid, process_start(pid))
+
+    @classmethod
+    def forked(cls) -> Owner:
+        """This process, forked by the worker that is its parent and records its trial's end."""
         pid, parent = os.getpid(), os.getppid()
         return cls(socket.gethostname(), pid, process_start(pid), parent, process_start(parent))
 
@@ -78,13 +89,9 @@ class Owner:
         return cls(host, pid, number("pid_start"), number("worker_pid"), number("worker_start"))
 
     def record(self) -> dict[str, Any]:
-        return dict(
-            zip(
-                OWNER_ATTRS,
-                (self.host, self.pid, self.start, self.worker, self.worker_start),
-                strict=True,
-            )
-        )
+        """The owner's user attributes, all of them (a retry carries the failed run's)."""
+        values = (self.host, self.pid, self.start, self.worker, self.worker_start)
+        return dict(zip(OWNER_ATTRS, values, strict=True))
 
     def gone(self, asker: int) -> bool:
         """Whether nobody will record this trial's end (answerable on its own host only).

@@ -20,6 +20,7 @@ from sweeper.store._compat import (
     stale_trial_ids,
     storage_of,
     study_id,
+    telling,
     trial_id,
     write_user_attrs,
 )
@@ -103,7 +104,8 @@ def tell(
             # diverged before its first validation has no value at all. As an
             # infeasible trial it ranks below every feasible one, as it should.
             trial.set_constraint("diverged", 1.0)
-        told = study.tell(trial, values, state=state, skip_if_finished=True)
+        with telling(study):
+            told = study.tell(trial, values, state=state, skip_if_finished=True)
     except UpdateFinishedTrialError:
         return False
     return told.state == state and told.user_attrs.get("stop_reason") == attrs.get("stop_reason")
@@ -133,9 +135,9 @@ def _fail(study: optuna.Study, found: int, reason: str, *, retries: int | None) 
     storage = storage_of(study)
     try:
         storage.set_trial_user_attr(found, "stop_reason", reason)
-        told = study.tell(
-            storage.get_trial(found).number, state=TrialState.FAIL, skip_if_finished=True
-        )
+        with telling(study):
+            number = storage.get_trial(found).number
+            told = study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
     except UpdateFinishedTrialError:
         return False
     if told.state != TrialState.FAIL or told.user_attrs.get("stop_reason") != reason:

@@ -17,8 +17,8 @@ import datetime as dt
 import functools
 import json
 from collections import defaultdict
-from collections.abc import Container, Iterable
-from typing import Any
+from collections.abc import Callable, Container, Iterable
+from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy as sa
@@ -27,6 +27,8 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.store._compat import backend, models, rdb_storage_reading, study_id
+
+T = TypeVar("T")
 
 
 def read_trials(
@@ -40,8 +42,24 @@ def read_trials(
     which: int | sa.ColumnElement[bool] = study_id(study)
     if states is not None:
         which = sa.and_(table.c.study_id == which, table.c.state.in_(list(states)))
-    with storage.engine.connect() as connection:
-        return _read(connection, which)
+    return _connected(storage, lambda connection: _read(connection, which))
+
+
+def _connected(storage: RDBStorage, read: Callable[[sa.Connection], T]) -> T:
+    """``read`` on a connection of its own; once more on a new one when the server dropped the
+    connection (a restart, a terminated session), and any other database error as Optuna's
+    ``StorageInternalError``, which its own reads raise."""
+    for attempt in range(2):
+        try:
+            with storage.engine.connect() as connection:
+                return read(connection)
+        except sa.exc.DBAPIError as exc:
+            if exc.connection_invalidated and attempt == 0:
+                continue
+            raise optuna.exceptions.StorageInternalError(str(exc.orig or exc)) from exc
+        except sa.exc.SQLAlchemyError as exc:
+            raise optuna.exceptions.StorageInternalError(str(exc)) from exc
+    raise AssertionError("unreachable")
 
 
 def rdb(study: optuna.Study) -> RDBStorage | None:
@@ -76,14 +94,16 @@ def _trials_where(
         included = [i for i in included_trial_ids if i <= trial_id_greater_than]
         newer = table.c.trial_id > trial_id_greater_than
         where.append(sa.or_(table.c.trial_id.in_(included), newer) if included else newer)
-    with storage.engine.connect() as connection:
+
+    def read(connection: sa.Connection) -> list[FrozenTrial]:
+        studies = models.StudyModel.__table__
         if not connection.execute(
-            sa.select(models.StudyModel.__table__.c.study_id).where(
-                models.StudyModel.__table__.c.study_id == study_id
-            )
+            sa.select(studies.c.study_id).where(studies.c.study_id == study_id)
         ).first():
             raise KeyError(f"No study with study_id {study_id} exists.")
         return _read(connection, sa.and_(*where))
+
+    return _connected(storage, read)
 
 
 def _trial(storage: RDBStorage, trial_id: int) -> FrozenTrial:
@@ -98,8 +118,7 @@ def _trial(storage: RDBStorage, trial_id: int) -> FrozenTrial:
     if session.in_transaction():
         found = _read(session.connection(), which)
     else:
-        with storage.engine.connect() as connection:
-            found = _read(connection, which)
+        found = _connected(storage, lambda connection: _read(connection, which))
     if not found:
         raise KeyError(f"No trial with trial-id {trial_id} exists.")
     return found[0]
