@@ -178,9 +178,9 @@ class Connections(threading.Thread):
                 time.sleep(0.05)
 
 
-CONNECTIONS_PER_PROCESS = 2
-"""Server sessions of one claimer (its pooled one and the claim lock's; a trial process opens
-one of its own only to report to the pruner, which these trivial trials do not)."""
+CONNECTIONS_PER_PROCESS = 4
+"""Server sessions of one claimer, at most: its two pooled ones, the claim lock's, and one to
+spare (a real trial process opens one to report to the pruner; these trivial ones do not)."""
 
 
 def room_on_server() -> int:
@@ -521,7 +521,7 @@ def main() -> int:
     parser.add_argument("--storages", nargs="+", default=["sqlite", "postgres"])
     parser.add_argument("--processes", nargs="+", type=int, default=[8, 32, 64])
     parser.add_argument("--seconds", type=float, default=20.0, help="per row")
-    parser.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000])
+    parser.add_argument("--sizes", nargs="*", type=int, default=[10_000, 100_000])
     parser.add_argument("--no-optuna", action="store_true", help="skip plain Optuna's rows")
     parser.add_argument("--quick", action="store_true", help="8 and 32 processes, 6 s, 10,000")
     parser.add_argument("--reads-only", action="store_true", help="only the read table")
