@@ -375,13 +375,17 @@ def print_best(data: dict[str, Any]) -> None:
 
 def best_values(data: dict[str, Any], best_row: dict[str, Any]) -> str:
     """``val_f1=0.8123``, or each metric's value in a study of several."""
+    from sweeper.results.progress import describe_named, describe_value
+
     if "values" in best_row:
-        return " ".join(f"{name}={value:.4f}" for name, value in best_row["values"].items())
-    return f"{data['metric']}={best_row['value']:.4f}"
+        return describe_named(best_row["values"])
+    return describe_value(data["metric"], best_row["value"])
 
 
 def print_front(data: dict[str, Any]) -> None:
     """The Pareto front of a study of several metrics: one line per trial, values and params."""
+    from sweeper.results.progress import describe_named
+
     directions = ", ".join(
         f"{m} {d}" for m, d in zip(data["metric"], data["direction"], strict=True)
     )
@@ -390,7 +394,7 @@ def print_front(data: dict[str, Any]) -> None:
         f"best {data['metric'][0]} first"
     )
     for entry in data["pareto"]:
-        values = " ".join(f"{name}={value:.4f}" for name, value in entry["values"].items())
+        values = describe_named(entry["values"])
         params = ", ".join(f"{k}={v!r}" for k, v in entry["params"].items())
         say(f"  trial {entry['number']}: {values}; {params}")
 

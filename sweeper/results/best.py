@@ -26,6 +26,7 @@ from sweeper.store import (
     confirms,
     counts,
     first_value,
+    named_values,
     numbers_with_user_attr,
     outcome,
     pareto_front,
@@ -138,7 +139,11 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
     }
     if config.study.multi_objective:
         result["pareto"] = [
-            {"number": t.number, "values": _named(config, t), "params": t.params}
+            {
+                "number": t.number,
+                "values": named_values(config.study.metrics, t),
+                "params": t.params,
+            }
             for t in pareto_front(study)
         ]
     if best is None:
@@ -160,7 +165,11 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
         "weights": _kept_weights(best),
         "confident_errors": best.user_attrs.get("confident_errors", []),
         "confirmed": found[0] if found else None,
-        **({"values": _named(config, best)} if config.study.multi_objective else {}),
+        **(
+            {"values": named_values(config.study.metrics, best)}
+            if config.study.multi_objective
+            else {}
+        ),
         "reproduce": {
             "study_file": str(config.path),
             "study_seed": config.study.seed,
@@ -170,11 +179,6 @@ def summary(config: StudyConfig, study: optuna.Study) -> dict[str, Any]:
         },
     }
     return result
-
-
-def _named(config: StudyConfig, trial: FrozenTrial) -> dict[str, float]:
-    """A complete trial's values by metric name."""
-    return dict(zip(config.study.metrics, trial.values, strict=True))
 
 
 def _kept_weights(trial: FrozenTrial) -> str | None:

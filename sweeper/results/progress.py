@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,11 @@ def describe_values(metrics: Sequence[str], values: Sequence[float] | None) -> s
         describe_value(metric, values[i] if i < len(values) else None)
         for i, metric in enumerate(metrics)
     )
+
+
+def describe_named(values: Mapping[str, float]) -> str:
+    """``val_f1=0.8123 latency_ms=2.1000``, from values by metric name."""
+    return describe_values(list(values), list(values.values()))
 
 
 @dataclass

@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sweeper.atomic import write_text
 from sweeper.config import StudyConfig
 from sweeper.results.best import best_trial, confirmed, record_at_best, runs_counted
+from sweeper.results.progress import describe_values
 from sweeper.run.overfitting import describe as describe_overfit
 from sweeper.space import parse_space
 from sweeper.store import (
@@ -164,7 +165,8 @@ def _summary(config: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTr
                 " …" if len(front) > 30 else ""
             )
             rows.insert(0, ("Pareto front", f"{len(front)} trials: {numbers}"))
-            value = f"{_values(config, best)} (trial {best.number}, the front's best "
+            value = f"{describe_values(config.study.metrics, best.values)} (trial {best.number}, "
+            value += "the front's best "
             value += f"{config.study.metrics[0]})"
         if confirmations:
             entry = confirmations[0]
@@ -445,14 +447,6 @@ def _last_value(trial: FrozenTrial) -> float | None:
         value = reported[max(reported)]
         return value if math.isfinite(value) else None
     return None
-
-
-def _values(config: StudyConfig, trial: FrozenTrial) -> str:
-    """``val_f1 0.8123, latency_ms 2.1``: each study metric's value of a complete trial."""
-    return ", ".join(
-        f"{metric} {value:.6g}"
-        for metric, value in zip(config.study.metrics, trial.values, strict=True)
-    )
 
 
 def _first_target(config: StudyConfig, minimized: bool = False) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.errors import ConfigError
-from sweeper.store.queries import first_value
+from sweeper.store.queries import first_value, named_values
 
 STATES = {
     state.name.lower(): state
@@ -63,7 +63,7 @@ def row(trial: FrozenTrial, metrics: Sequence[str] = ()) -> dict[str, Any]:
         "value": first_value(trial) if complete else None,
     }
     if len(metrics) > 1:
-        found["values"] = dict(zip(metrics, trial.values, strict=True)) if complete else None
+        found["values"] = named_values(metrics, trial) if complete else None
     return {
         **found,
         "params": dict(trial.params),

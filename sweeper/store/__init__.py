@@ -62,6 +62,7 @@ from sweeper.store.pruning import REPORTED, intermediate_values, report
 from sweeper.store.queries import (
     best_trial,
     first_value,
+    named_values,
     numbers_with_user_attr,
     pareto_front,
     running_trials,
@@ -116,6 +117,7 @@ __all__ = [
     "load",
     "load_named",
     "mask_url",
+    "named_values",
     "numbers_with_user_attr",
     "open_storage",
     "outcome",

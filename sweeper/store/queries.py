@@ -10,6 +10,7 @@ storages are answered through Optuna's reads.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 import optuna
 import sqlalchemy as sa
@@ -55,6 +56,13 @@ def numbers_with_user_attr(study: optuna.Study, key: str) -> list[int]:
 def running_trials(study: optuna.Study) -> list[FrozenTrial]:
     """The RUNNING trials in number order, read alone (Optuna's cache would read every trial)."""
     return read_trials(study, states=(TrialState.RUNNING,))
+
+
+def named_values(metrics: Sequence[str], trial: FrozenTrial) -> dict[str, float] | None:
+    """A trial's values by metric name; None when it has none (it did not complete)."""
+    if trial.values is None:
+        return None
+    return dict(zip(metrics, trial.values, strict=True))
 
 
 def first_value(trial: FrozenTrial) -> float | None:
