@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -389,3 +390,27 @@ def test_storage_turned_read_only_mid_sweep_is_one_line_and_resumes(study_dir: S
     trials = load(study_dir).get_trials()
     assert finished(trials) == 12
     assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_a_process_the_trial_leaves_behind_does_not_hold_up_its_worker(
+    study_dir: StudyDir,
+) -> None:
+    """A trial's data loader workers may outlive it for a while, holding its pipe to the
+    worker open: the worker records the outcome and goes on without waiting for them."""
+    path = study_dir.write(
+        study(
+            study={"n_trials": 2},
+            search={"lr": {"low": 0.01, "high": 0.1}, "linger": 600},
+            resources={"cpu_workers": 1},
+        )
+    )
+    try:
+        result = run_sweeper("start", str(path), timeout=240)
+    finally:
+        pids = study_dir.root / "lingering.pids"
+        for pid in pids.read_text().split() if pids.exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = load(study_dir).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2

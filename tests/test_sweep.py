@@ -63,10 +63,20 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def trial_process(trial) -> int:
-    """The process that runs ``trial``: forked by the worker its owner record names."""
+def trial_process(study_dir: StudyDir, trial) -> int:
+    """The process that runs ``trial``, once it is forked: the child of the worker its owner
+    record names (the trial's own process claims, and is named, only with the gp sampler)."""
+    if trial.user_attrs.get("worker_pid"):
+        return trial.user_attrs["pid"]
     worker = trial.user_attrs["pid"]
-    return next(pid for pid in descendants(worker) if parent_of(pid) == worker)
+
+    def forked() -> int | None:
+        return next((pid for pid in descendants(worker) if parent_of(pid) == worker), None)
+
+    pid = wait_for(forked, what=f"the process of trial {trial.number}")
+    still = load(study_dir).trials[trial.number]
+    assert still.state == TrialState.RUNNING, "the trial ended before it could be killed"
+    return pid
 
 
 def wait_for(condition, timeout: float = 120.0, what: str = "condition"):
@@ -222,7 +232,7 @@ def test_systematic_failure_stops_the_sweep(study_dir: StudyDir) -> None:
 def test_killed_trial_is_failed_and_retried_with_its_params(study_dir: StudyDir) -> None:
     sweep = start_slow_sweep(study_dir)
     victim = wait_for(lambda: running_with_pid(study_dir), what="a running trial")[0]
-    os.kill(trial_process(victim), signal.SIGKILL)
+    os.kill(trial_process(study_dir, victim), signal.SIGKILL)
     out, err = sweep.communicate(timeout=300)
     assert sweep.returncode == 0, out + err
     trials = load(study_dir).get_trials()

@@ -1,4 +1,5 @@
-"""One trial, in a process forked for it: claim, train, tell, with a stop reason."""
+"""One trial, in a process forked for it: train it and send the worker its outcome, with a stop
+reason (claiming it first, for the worker, where the sampler runs torch)."""
 
 from __future__ import annotations
 

@@ -45,7 +45,12 @@ class TrialProcess:
     timed_out: bool = False
     told: bool = False
     """Its outcome is recorded."""
+    trouble: str | None = None
+    """Why its outcome, sent, could not be recorded."""
 
+
+TELL_ATTEMPTS = 3
+"""Tries to record an outcome while the storage fails (1 s, then 2 s apart)."""
 
 UNCLAIMED_LIMIT = 3
 """Trial processes in a row that die before their claim is done stop the worker."""
@@ -167,21 +172,24 @@ class Worker:
 
     def _fork(self, trial: optuna.Trial | None) -> TrialProcess:
         read_end, write_end = os.pipe()
+        worker = os.getpid()
         pid = os.fork()
         if pid == 0:  # the trial process
             os.close(read_end)
-            run_child(lambda: self._child(write_end, trial))
+            run_child(lambda: self._child(write_end, trial, worker))
         os.close(write_end)
         number = None if trial is None else trial.number
         return TrialProcess(pid, read_end, time.monotonic(), number, trial)
 
-    def _child(self, channel: int, trial: optuna.Trial | None) -> int:
+    def _child(self, channel: int, trial: optuna.Trial | None, worker: int) -> int:
         from sweeper.run.trial import run_trial
         from sweeper.store import forget_connections
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         die_with_parent(signal.SIGKILL, "sweeper-trial")
+        if os.getppid() != worker:  # it died before the request took hold: its trial is orphaned
+            return 1
         forget_connections(self.study)
         config, slot, since = self.config, self.slot, self.since
         return run_trial(config, slot, self.build, self.study, channel, trial, since)
@@ -196,8 +204,7 @@ class Worker:
         while True:
             pid, status = os.waitpid(child.pid, os.WNOHANG)
             if pid:
-                if open_channel:  # what it sent just before it ended
-                    self._heard(child, buffer + _drain(child.channel))
+                self._heard(child, buffer + _written(child.channel))  # sent just before it ended
                 return status
             if open_channel:
                 ready, _, _ = select.select([child.channel], [], [], 0.2)
@@ -222,6 +229,7 @@ class Worker:
             if stopped or (limit is not None and now - child.started > limit):
                 os.kill(child.pid, signal.SIGKILL)
                 _, status = os.waitpid(child.pid, 0)
+                self._heard(child, buffer + _written(child.channel))  # an outcome stands
                 if not self.stopping and limit is not None and not child.told:
                     self._time_out(child, limit)
                 return status
@@ -238,23 +246,33 @@ class Worker:
         return rest
 
     def _tell(self, child: TrialProcess, line: bytes) -> None:
-        """Record the outcome the trial process sent (a trial failed meanwhile stays failed)."""
+        """Record the outcome the trial process sent (a trial failed meanwhile stays failed).
+
+        The storage failing is tried again a few times; an outcome that still
+        cannot be recorded leaves the trial to be failed and retried as one
+        whose process died, with the reason.
+        """
         import optuna
 
         from sweeper.run.trial import outcome
-        from sweeper.store import running_trial, tell
+        from sweeper.store import running_trial, storage_failure, tell
 
         assert child.number is not None
-        state, values, attrs = outcome(line)
-        for attempt in range(2):  # once more on a new connection: the server may have dropped it
+        for attempt in range(TELL_ATTEMPTS):
             try:
+                state, values, attrs = outcome(line)
                 trial = child.trial or running_trial(self.study, child.number)
                 tell(self.study, trial, state, values, attrs)
+                child.told = True
+                return
+            except optuna.exceptions.StorageInternalError as exc:
+                child.trouble = f"its outcome could not be recorded: {storage_failure(exc)}"
+                if attempt + 1 < TELL_ATTEMPTS:
+                    time.sleep(attempt + 1)
+            except Exception as exc:  # a line that is no outcome, an outcome Optuna refuses
+                child.trouble = f"its outcome could not be recorded: {type(exc).__name__}: {exc}"
                 break
-            except optuna.exceptions.StorageInternalError:
-                if attempt:
-                    raise
-        child.told = True
+        print(f"error: trial {child.number}: {child.trouble}", file=sys.stderr)
 
     def _record_death(self, child: TrialProcess, status: int) -> None:
         from sweeper.store import INTERRUPTED, fail_trial
@@ -266,6 +284,8 @@ class Worker:
             reason = f"killed by signal {sig.value} ({sig.name})"
             if sig == signal.SIGKILL:
                 reason += "; out of memory is the usual cause"
+        elif child.trouble is not None:
+            reason = child.trouble
         else:
             reason = f"the trial process exited with code {os.WEXITSTATUS(status)}"
         assert child.number is not None
@@ -292,11 +312,16 @@ class Worker:
         self.stopped_at = time.monotonic()
 
 
-def _drain(channel: int) -> bytes:
-    """What is left to read in a pipe whose writer has ended."""
+def _written(channel: int) -> bytes:
+    """What a trial process that has ended left in its pipe, without waiting: processes it
+    forked (data loader workers) may hold the pipe open after it."""
+    os.set_blocking(channel, False)
     chunks = []
-    while chunk := os.read(channel, 1 << 16):
-        chunks.append(chunk)
+    try:
+        while chunk := os.read(channel, 1 << 16):
+            chunks.append(chunk)
+    except BlockingIOError:
+        pass  # nothing more now
     return b"".join(chunks)
 
 
