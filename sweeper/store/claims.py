@@ -23,6 +23,7 @@ from typing import Any
 import optuna
 import sqlalchemy as sa
 from filelock import FileLock, Timeout
+from optuna.trial import TrialState
 
 from sweeper.config import StudyConfig
 from sweeper.errors import StorageError, SweeperError
@@ -33,6 +34,10 @@ from sweeper.store.pruning import REPORTED
 
 LOCK_WAIT = float(os.environ.get("SWEEPER_LOCK_WAIT", "600"))
 """Seconds a claim waits for the study's claim lock before giving up with a message."""
+
+LOCK_POLL = 0.005
+"""Seconds between a waiting claim's tries of a SQLite study's file lock: claims take tens of
+milliseconds, and a lock left free while its waiters sleep is throughput lost."""
 
 OWNER_ATTRS = ("host", "pid", "pid_start", "worker_pid", "worker_start")
 
@@ -149,7 +154,7 @@ def claim_lock(config: StudyConfig) -> Iterator[None]:
         check_sqlite_path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(lock_file, timeout=LOCK_WAIT)
+            lock = FileLock(lock_file, timeout=LOCK_WAIT, poll_interval=LOCK_POLL)
             with lock:
                 yield
         except Timeout:
@@ -232,13 +237,10 @@ def before_fork(study: optuna.Study) -> None:
     cached and the claim's queries compiled, its claim (under the claim lock)
     reads only the trials that changed since and compiles little.
     """
-    from optuna.trial import TrialState
-
     from sweeper.store._compat import stale_trial_ids
 
     try:
         study.get_trials(deepcopy=False)
-        study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         stale_trial_ids(study)
     except (sa.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
         pass  # only a head start: the trial's claim reads, and reports, for itself
@@ -263,13 +265,15 @@ def claim(
     and :class:`SamplerFailed` says why.
     """
     from sweeper.plugins import sampler_for, trial_seed
-    from sweeper.store.outcomes import Snapshot, drop_surplus, fail_orphans
+    from sweeper.store.outcomes import Snapshot, drop_surplus, fail_orphans, fail_stale
     from sweeper.store.stops import stop_request
 
     if stop_request(study) is not None:
         return None  # `sweeper stop`: no new trial, whoever asks
-    fail_orphans(study, owner.host, asker=owner.worker)
     trials = study.get_trials(deepcopy=False)
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    if fail_orphans(study, owner.host, asker=owner.worker, running=running) + fail_stale(study):
+        trials = study.get_trials(deepcopy=False)
     now = Snapshot(trials, config.study.n_trials, since or 0)
     if drop_surplus(study, now):
         trials = study.get_trials(deepcopy=False)

@@ -152,6 +152,7 @@ def fail_orphans(
     host: str,
     ownerless_reason: str | None = None,
     asker: int | None = None,
+    running: Sequence[FrozenTrial] | None = None,
 ) -> list[int]:
     """Fail and retry the RUNNING trials whose process is gone; call under the claim lock.
 
@@ -159,10 +160,13 @@ def fail_orphans(
     (or, with ``ownerless_reason``, by a sampler that raised: failed, not
     retried). A trial owned on this host by a process that ended is an
     orphan once its worker is gone too (or is ``asker``, the worker asking).
-    A trial of another host is left to its heartbeat.
+    A trial of another host is left to its heartbeat (:func:`fail_stale`).
+    ``running``: the RUNNING trials, where the caller has just read them.
     """
     recovered = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    if running is None:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in running:
         owner = Owner.of(trial.user_attrs)
         if owner is None:
             reason = ownerless_reason or f"{INTERRUPTED}: its process died while claiming it"
@@ -173,16 +177,18 @@ def fail_orphans(
             continue
         if _fail(study, trial_id(trial), reason, retries=retries):
             recovered.append(trial.number)
-    fail_stale(study)
     return recovered
 
 
 def recover(study: optuna.Study, config: StudyConfig) -> list[int]:
-    """Fail and retry every orphan this machine can tell apart; the numbers recovered."""
+    """Fail and retry every orphan this machine can tell apart, and the trials of machines
+    gone silent; the numbers of the orphans."""
     import socket
 
     with claim_lock(config):
-        return fail_orphans(study, socket.gethostname())
+        recovered = fail_orphans(study, socket.gethostname())
+        fail_stale(study)
+        return recovered
 
 
 def drop_surplus(study: optuna.Study, now: Snapshot) -> list[int]:
