@@ -6,6 +6,7 @@ import math
 from collections import Counter
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from sweeper.config import parse_config
@@ -24,8 +25,15 @@ from sweeper.store.rows import rdb
 from tests.conftest import StudyDir, study
 
 
-def test_fast_read_equals_optunas_read_for_every_kind_of_trial(study_dir: StudyDir) -> None:
+@pytest.mark.parametrize("small_read", [0, 1000], ids=["table by table", "in one query"])
+def test_fast_read_equals_optunas_read_for_every_kind_of_trial(
+    study_dir: StudyDir, monkeypatch: pytest.MonkeyPatch, small_read: int
+) -> None:
     import tomllib
+
+    from sweeper.store import rows
+
+    monkeypatch.setattr(rows, "SMALL_READ", small_read)
 
     path = study_dir.write(study())
     config = parse_config(tomllib.loads(path.read_text()), path)
