@@ -87,12 +87,12 @@ class Worker:
         self.unclaimed = 0
 
     def run(self) -> int:
-        """Fork trials until the study has ``n_trials`` or is stopped; returns the exit code."""
-        from sweeper.store import stop_request
+        """Fork trials until the study has ``n_trials`` or is stopped; returns the exit code.
 
+        A claim gives no trial once `sweeper stop` was asked, and waiting for
+        other machines ends then too.
+        """
         while not self.stopping:
-            if stop_request(self.study) is not None:
-                break  # `sweeper stop`: start no new trial
             if not self._run_one() and not self._await_other_hosts():
                 break
         return self.code

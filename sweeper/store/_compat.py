@@ -20,6 +20,7 @@ from collections.abc import Callable, Container, Iterator
 from typing import Any
 
 import optuna
+import sqlalchemy as sa
 from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._rdb import models
@@ -122,19 +123,35 @@ def write_user_attrs(
         stored = models.TrialModel.find_or_raise_by_id(found, session)
         state: Any = stored.state  # a TrialState, read through an ORM column
         storage.check_trial_is_updatable(found, state)
-        rows: dict[Any, Any] = {
-            row.key: row
-            for row in session.query(models.TrialUserAttributeModel).filter(
-                models.TrialUserAttributeModel.trial_id == found
+        table = models.TrialUserAttributeModel.__table__
+        stored_keys = {
+            key: row_id
+            for key, row_id in session.execute(
+                sa.select(table.c.key, table.c.trial_user_attribute_id).where(
+                    table.c.trial_id == found
+                )
             )
         }
-        for key, value in attrs.items():
-            text = json.dumps(value)
-            if key in rows:
-                rows[key].value_json = text
-            else:
-                row = models.TrialUserAttributeModel(trial_id=found, key=key, value_json=text)
-                session.add(row)
+        texts = {key: json.dumps(value) for key, value in attrs.items()}
+        changed = [
+            {"row": stored_keys[key], "text": text}
+            for key, text in texts.items()
+            if key in stored_keys
+        ]
+        added = [
+            {"trial_id": found, "key": key, "value_json": text}
+            for key, text in texts.items()
+            if key not in stored_keys
+        ]
+        if changed:  # one statement for all of them, as for the new ones
+            session.execute(
+                sa.update(table)
+                .where(table.c.trial_user_attribute_id == sa.bindparam("row"))
+                .values(value_json=sa.bindparam("text")),
+                changed,
+            )
+        if added:
+            session.execute(sa.insert(table), added)
         if first_beat and models.TrialHeartbeatModel.where_trial_id(found, session) is None:
             session.add(models.TrialHeartbeatModel(trial_id=found))
     trial._cached_frozen_trial.user_attrs.update(attrs)
