@@ -464,3 +464,21 @@ def test_a_trial_of_a_machine_lost_mid_sweep_is_retried_here(study_dir: StudyDir
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]
     assert len(retried) == 1 and retried[0].state.is_finished()
     assert retried[0].params["lr"] == lost.params["lr"]
+
+
+def test_a_gp_sweep_claims_in_its_trial_processes_and_ends_with_every_trial_told(
+    study_dir: StudyDir,
+) -> None:
+    """The gp sampler runs torch to sample, which a worker (a process that forks) must not:
+    its trial processes claim for it, name themselves and their worker as the trial's owner,
+    and send the worker their outcome like any other."""
+    path = study_dir.write(
+        study(study={"n_trials": 5}, sampler={"name": "gp", "n_startup_trials": 2})
+    )
+    result = run_sweeper("start", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = load(study_dir).get_trials()
+    assert finished(trials) == 5 and len(trials) == 5
+    assert all(t.user_attrs["worker_pid"] != t.user_attrs["pid"] for t in trials)
+    told = {t.user_attrs["stop_reason"].split(" at ")[0] for t in trials}
+    assert told <= {"completed", "pruned by median"}, told
