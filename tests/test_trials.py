@@ -15,6 +15,7 @@ from sweeper.store import (
     best_trial,
     counts,
     create_or_resume,
+    load,
     numbers_with_user_attr,
     read_trials,
     running_trials,
@@ -150,3 +151,36 @@ def test_status_queries_on_other_storages_and_empty_studies() -> None:
     assert [t.number for t in running_trials(in_memory)] == [6, 7]
     best = best_trial(in_memory)
     assert best is not None and best.number == 0
+
+
+def test_a_trial_that_ends_while_running_trials_are_read_keeps_its_params(
+    study_dir: StudyDir,
+) -> None:
+    """The trials and their params are two statements, and a read-only reader (``sweeper
+    status``, the dashboard) runs them apart: a trial that finished between them is still
+    read whole, as the RUNNING trial the first one found."""
+    import sqlite3
+    import tomllib
+
+    import sqlalchemy as sa
+
+    path = study_dir.write(study())
+    config = parse_config(tomllib.loads(path.read_text()), path)
+    created = create_or_resume(config)
+    running = created.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1.0)})
+    running.set_user_attr("slot", 0)
+    reader = load(config, read_only=True)
+    engine = rdb(reader).engine  # type: ignore[union-attr]
+
+    finished: list[bool] = []
+
+    def finish_it(conn, cursor, statement, *_) -> None:
+        if "trial_params" in statement and not finished:  # between the trials and their params
+            with sqlite3.connect(study_dir.db) as other:
+                other.execute("UPDATE trials SET state = 'COMPLETE'")
+            finished.append(True)
+
+    sa.event.listen(engine, "before_cursor_execute", finish_it)
+    [seen] = read_trials(reader, states=[TrialState.RUNNING])
+    assert finished, "the trial finished during the read"
+    assert seen.params == running.params and seen.user_attrs == {"slot": 0}

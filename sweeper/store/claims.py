@@ -154,8 +154,8 @@ def claim_lock(config: StudyConfig) -> Iterator[None]:
         check_sqlite_path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(lock_file, timeout=LOCK_WAIT, poll_interval=LOCK_POLL)
-            with lock:
+            lock = FileLock(lock_file, timeout=LOCK_WAIT)
+            with lock.acquire(poll_interval=LOCK_POLL):
                 yield
         except Timeout:
             raise StorageError(

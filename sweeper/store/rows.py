@@ -136,7 +136,6 @@ def _read(connection: sa.Connection, which: int | sa.ColumnElement[bool]) -> lis
     """The trials of study ``which`` (an id), or those a condition on the trials table picks."""
     trial_table = models.TrialModel.__table__
     picked = trial_table.c.study_id == which if isinstance(which, int) else which
-    in_study = sa.select(trial_table.c.trial_id).where(picked)
     rows = connection.execute(
         sa.select(
             trial_table.c.trial_id,
@@ -151,8 +150,12 @@ def _read(connection: sa.Connection, which: int | sa.ColumnElement[bool]) -> lis
     if not rows:
         return []
 
-    read = _children_at_once if len(rows) <= SMALL_READ else _children_apart
-    params, values, steps, user, system = read(connection, in_study)
+    if len(rows) <= SMALL_READ:
+        # the very trials read: picked again, one that changed state since would be left out
+        found = _children_at_once(connection, [row[0] for row in rows])
+    else:
+        found = _children_apart(connection, sa.select(trial_table.c.trial_id).where(picked))
+    params, values, steps, user, system = found
     distribution = functools.lru_cache(maxsize=None)(json_to_distribution)
     value_of = models.TrialValueModel.stored_repr_to_value
     step_value_of = models.TrialIntermediateValueModel.stored_repr_to_intermediate_value
@@ -213,8 +216,9 @@ CHILDREN: tuple[tuple[Any, tuple[str, ...]], ...] = (
 and the columns read of each."""
 
 
-def _children_apart(connection: sa.Connection, in_study: sa.Select[Any]) -> tuple[Rows, ...]:
-    """The child rows (see :data:`CHILDREN`) of the trials ``in_study`` selects, by table."""
+def _children_apart(connection: sa.Connection, in_study: Any) -> tuple[Rows, ...]:
+    """The child rows (see :data:`CHILDREN`) of the trials ``in_study`` (a query of their ids)
+    selects, by table."""
     found: list[Rows] = []
     for model, columns in CHILDREN:
         table = model.__table__
@@ -230,8 +234,8 @@ def _children_apart(connection: sa.Connection, in_study: sa.Select[Any]) -> tupl
     return tuple(found)
 
 
-def _children_at_once(connection: sa.Connection, in_study: sa.Select[Any]) -> tuple[Rows, ...]:
-    """The child rows (see :data:`CHILDREN`) of the trials ``in_study`` selects, in one query:
+def _children_at_once(connection: sa.Connection, in_study: Any) -> tuple[Rows, ...]:
+    """The child rows (see :data:`CHILDREN`) of the trials ``in_study`` (their ids), in one query:
     a union of the five tables in one shape (a kind, an enum on PostgreSQL, read by name)."""
     shapes: tuple[tuple[Any, str, str | None, str | None, str | None], ...] = (
         (models.TrialParamModel, "param_name", None, "param_value", "distribution_json"),
