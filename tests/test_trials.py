@@ -174,7 +174,7 @@ def test_a_trial_that_ends_while_running_trials_are_read_keeps_its_params(
 
     finished: list[bool] = []
 
-    def finish_it(conn, cursor, statement, *_) -> None:
+    def finish_it(conn: object, cursor: object, statement: str, *_: object) -> None:
         if "trial_params" in statement and not finished:  # between the trials and their params
             with sqlite3.connect(study_dir.db) as other:
                 other.execute("UPDATE trials SET state = 'COMPLETE'")
