@@ -234,57 +234,59 @@ def _children_apart(connection: sa.Connection, in_study: Any) -> tuple[Rows, ...
     return tuple(found)
 
 
+SLOTS = ("name", "whole", "real", "text")
+"""The columns of the one shape the child tables share in a union, named by what they hold."""
+
+
+def _slot(column: Any) -> str:
+    """Where a child column sits in the union's shape, by its type (a kind, an enum on
+    PostgreSQL, sits with names, cast to its name)."""
+    kind = column.type
+    if isinstance(kind, sa.Text):
+        return "text"
+    if isinstance(kind, sa.String):  # Enum is a String too
+        return "name"
+    return "whole" if isinstance(kind, sa.Integer) else "real"
+
+
 def _children_at_once(connection: sa.Connection, in_study: Any) -> tuple[Rows, ...]:
     """The child rows (see :data:`CHILDREN`) of the trials ``in_study`` (their ids), in one query:
-    a union of the five tables in one shape (a kind, an enum on PostgreSQL, read by name)."""
-    shapes: tuple[tuple[Any, str, str | None, str | None, str | None], ...] = (
-        (models.TrialParamModel, "param_name", None, "param_value", "distribution_json"),
-        (models.TrialValueModel, "value_type", "objective", "value", None),
-        (
-            models.TrialIntermediateValueModel,
-            "intermediate_value_type",
-            "step",
-            "intermediate_value",
-            None,
-        ),
-        (models.TrialUserAttributeModel, "key", None, None, "value_json"),
-        (models.TrialSystemAttributeModel, "key", None, None, "value_json"),
-    )
+    a union of the tables, each column in the slot its type gives it; rows come back as
+    :func:`_children_apart` gives them."""
     parts = []
-    for index, (model, name, whole, real, text) in enumerate(shapes):
+    layouts = []
+    for index, (model, names) in enumerate(CHILDREN):
         table = model.__table__
-
-        def column(key: str | None, table: Any = table) -> Any:
-            return sa.null() if key is None else table.c[key]
-
+        columns = [table.c[name] for name in names]
+        placed = {_slot(column): column for column in columns}
         parts.append(
             sa.select(
                 sa.literal(index, sa.Integer).label("part"),
                 table.c.trial_id.label("trial_id"),
                 table.primary_key.columns.values()[0].label("row_id"),
-                # a kind (an enum on PostgreSQL) as its name, to share a column with names
-                sa.cast(table.c[name], sa.String(512)).label("name"),
-                column(whole).label("whole"),
-                column(real).label("real"),
-                column(text).label("text"),
+                *(
+                    (sa.null() if slot not in placed else _in_slot(placed[slot])).label(slot)
+                    for slot in SLOTS
+                ),
             ).where(table.c.trial_id.in_(in_study))
         )
+        layouts.append(
+            [(SLOTS.index(_slot(c)), getattr(c.type, "enum_class", None)) for c in columns]
+        )
     union = sa.union_all(*parts).subquery()
-    found: tuple[Rows, ...] = tuple(defaultdict(list) for _ in shapes)
-    query = sa.select(union).order_by(union.c.part, union.c.row_id)
-    kinds = {
-        1: models.TrialValueModel.TrialValueType.__members__,
-        2: models.TrialIntermediateValueModel.TrialIntermediateValueType.__members__,
-    }
-    for part, trial_id, _, name, whole, real, text in connection.execute(query):
-        rows = found[part]
-        if part == 0:
-            rows[trial_id].append((name, real, text))
-        elif part in kinds:
-            rows[trial_id].append((whole, real, kinds[part][name]))
-        else:
-            rows[trial_id].append((name, text))
+    found: tuple[Rows, ...] = tuple(defaultdict(list) for _ in CHILDREN)
+    for part, trial_id, _, *cells in connection.execute(
+        sa.select(union).order_by(union.c.part, union.c.row_id)
+    ):
+        found[part][trial_id].append(
+            tuple(cells[at] if kinds is None else kinds[cells[at]] for at, kinds in layouts[part])
+        )
     return found
+
+
+def _in_slot(column: Any) -> Any:
+    """A column as the union holds it: an enum as its name."""
+    return sa.cast(column, sa.String(512)) if isinstance(column.type, sa.Enum) else column
 
 
 def _local(utc: dt.datetime | None) -> dt.datetime | None:
