@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from sweeper import store  # noqa: E402
 from sweeper.config import StudyConfig, load_config  # noqa: E402
+from sweeper.run.channel import outcome, send_outcome  # noqa: E402
 
 SERVER = os.environ.get("SWEEPER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 NAME = "scale"
@@ -198,13 +199,10 @@ def room_on_server() -> int:
 
 def one_trial(study: optuna.Study, channel: int) -> None:
     """In a forked process: run a trivial trial and send its outcome, as a trial process does."""
+    from optuna.trial import TrialState
+
     store.forget_connections(study)
-    outcome = {
-        "state": "COMPLETE",
-        "values": [random.random()],
-        "attrs": {"stop_reason": "completed"},
-    }
-    os.write(channel, json.dumps(outcome).encode() + b"\n")
+    send_outcome(channel, TrialState.COMPLETE, [random.random()], {"stop_reason": "completed"})
 
 
 def sweeper_claimer(
@@ -212,7 +210,6 @@ def sweeper_claimer(
 ) -> None:  # pragma: no cover - runs in a child
     """A worker: claim under the study's claim lock, fork a process per trial, tell what it
     sent, until the time is up."""
-    from optuna.trial import TrialState
 
     config = load_config(path)
     study = store.load(config)
@@ -247,10 +244,7 @@ def sweeper_claimer(
         os.close(read_end)
         _, status = os.waitpid(pid, 0)
         try:
-            sent = json.loads(b"".join(chunks))
-            told = store.tell(
-                study, trial, TrialState[sent["state"]], sent["values"], sent["attrs"]
-            )
+            told = store.tell(study, trial, *outcome(b"".join(chunks)))
         except Exception as exc:  # counted as an error of this row
             errors.append(f"error: {type(exc).__name__}: {str(exc).strip()[:200]}")
             continue

@@ -3,9 +3,7 @@ reason (claiming it first, for the worker, where the sampler runs torch)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -22,6 +20,7 @@ from sweeper.config import StudyConfig
 from sweeper.errors import StorageError, TaskError
 from sweeper.plugins import trial_seed
 from sweeper.run.callbacks import DivergenceCallback, TrialRecorder, TrialStopped
+from sweeper.run.channel import send, send_outcome
 from sweeper.run.devices import Slot
 from sweeper.run.divergence import DivergenceGuard
 from sweeper.run.tracking import TrialRun, trial_run
@@ -108,21 +107,8 @@ def run_trial(
     run.ended(state, values[0] if values else None, attrs)
     if "error" in attrs:
         print(f"trial {trial.number} failed:\n{attrs['error']}", file=sys.stderr)
-    send(channel, json.dumps({"state": state.name, "values": values, "attrs": attrs}, default=str))
+    send_outcome(channel, state, values, attrs)
     return EXIT_TOLD
-
-
-def send(channel: int, line: str) -> None:
-    """Write one line to the worker, whole."""
-    data = line.encode() + b"\n"
-    while data:
-        data = data[os.write(channel, data) :]
-
-
-def outcome(line: bytes) -> tuple[TrialState, list[float] | None, dict[str, Any]]:
-    """The outcome a trial process sent: its state, values and attributes."""
-    sent = json.loads(line)
-    return TrialState[sent["state"]], sent["values"], sent["attrs"]
 
 
 def limit_threads(threads: int) -> None:

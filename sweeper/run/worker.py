@@ -254,13 +254,18 @@ class Worker:
         """
         import optuna
 
-        from sweeper.run.trial import outcome
+        from sweeper.run.channel import outcome
         from sweeper.store import running_trial, storage_failure, tell
 
         assert child.number is not None
+        try:
+            state, values, attrs = outcome(line)
+        except (ValueError, KeyError, TypeError) as exc:  # a line that is no outcome
+            child.trouble = f"its outcome could not be read: {type(exc).__name__}: {exc}"
+            print(f"error: trial {child.number}: {child.trouble}", file=sys.stderr)
+            return
         for attempt in range(TELL_ATTEMPTS):
             try:
-                state, values, attrs = outcome(line)
                 trial = child.trial or running_trial(self.study, child.number)
                 tell(self.study, trial, state, values, attrs)
                 child.told = True
@@ -269,7 +274,7 @@ class Worker:
                 child.trouble = f"its outcome could not be recorded: {storage_failure(exc)}"
                 if attempt + 1 < TELL_ATTEMPTS:
                     time.sleep(attempt + 1)
-            except Exception as exc:  # a line that is no outcome, an outcome Optuna refuses
+            except Exception as exc:  # an outcome Optuna refuses
                 child.trouble = f"its outcome could not be recorded: {type(exc).__name__}: {exc}"
                 break
         print(f"error: trial {child.number}: {child.trouble}", file=sys.stderr)
