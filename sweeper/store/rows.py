@@ -249,10 +249,30 @@ def _slot(column: Any) -> str:
     return "whole" if isinstance(kind, sa.Integer) else "real"
 
 
-def _children_at_once(connection: sa.Connection, in_study: Any) -> tuple[Rows, ...]:
-    """The child rows (see :data:`CHILDREN`) of the trials ``in_study`` (their ids), in one query:
-    a union of the tables, each column in the slot its type gives it; rows come back as
-    :func:`_children_apart` gives them."""
+def _children_at_once(connection: sa.Connection, trial_ids: list[int]) -> tuple[Rows, ...]:
+    """The child rows (see :data:`CHILDREN`) of the trials ``trial_ids``, in one query (see
+    :func:`_union`); rows come back as :func:`_children_apart` gives them."""
+    union, layouts = _union()
+    found: tuple[Rows, ...] = tuple(defaultdict(list) for _ in CHILDREN)
+    for part, trial_id, _, *cells in connection.execute(union, {"ids": trial_ids}):
+        found[part][trial_id].append(
+            tuple(cells[at] if kinds is None else kinds[cells[at]] for at, kinds in layouts[part])
+        )
+    return found
+
+
+Layout = list[tuple[int, Any]]
+"""Where each column of a child table sits in the union's row, and its enum class if any."""
+
+
+@functools.cache
+def _union() -> tuple[sa.Select[Any], list[Layout]]:
+    """A union of the child tables for the trials of the expanding parameter ``ids``, each
+    column in the slot its type gives it, and each table's layout in the union's rows.
+
+    Built once: building the statement costs several times what SQLite takes to run it.
+    """
+    ids: sa.BindParameter[list[int]] = sa.bindparam("ids", expanding=True)
     parts = []
     layouts = []
     for index, (model, names) in enumerate(CHILDREN):
@@ -268,20 +288,13 @@ def _children_at_once(connection: sa.Connection, in_study: Any) -> tuple[Rows, .
                     (sa.null() if slot not in placed else _in_slot(placed[slot])).label(slot)
                     for slot in SLOTS
                 ),
-            ).where(table.c.trial_id.in_(in_study))
+            ).where(table.c.trial_id.in_(ids))
         )
         layouts.append(
             [(SLOTS.index(_slot(c)), getattr(c.type, "enum_class", None)) for c in columns]
         )
     union = sa.union_all(*parts).subquery()
-    found: tuple[Rows, ...] = tuple(defaultdict(list) for _ in CHILDREN)
-    for part, trial_id, _, *cells in connection.execute(
-        sa.select(union).order_by(union.c.part, union.c.row_id)
-    ):
-        found[part][trial_id].append(
-            tuple(cells[at] if kinds is None else kinds[cells[at]] for at, kinds in layouts[part])
-        )
-    return found
+    return sa.select(union).order_by(union.c.part, union.c.row_id), layouts
 
 
 def _in_slot(column: Any) -> Any:
