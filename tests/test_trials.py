@@ -153,18 +153,29 @@ def test_status_queries_on_other_storages_and_empty_studies() -> None:
     assert best is not None and best.number == 0
 
 
+@pytest.mark.parametrize("small_read", [64, 0], ids=["few-trials", "many-trials"])
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_a_trial_that_ends_while_running_trials_are_read_keeps_its_params(
     study_dir: StudyDir,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    small_read: int,
+    kind: str,
 ) -> None:
-    """The trials and their params are two statements, and a read-only reader (``sweeper
-    status``, the dashboard) runs them apart: a trial that finished between them is still
+    """The trials and their params are two statements, which a read-only reader (``sweeper
+    status``, the dashboard) runs in one snapshot: a trial that finished between them is still
     read whole, as the RUNNING trial the first one found."""
     import sqlite3
     import tomllib
 
+    import psycopg
     import sqlalchemy as sa
 
-    path = study_dir.write(study())
+    from sweeper.store import rows
+
+    monkeypatch.setattr(rows, "SMALL_READ", small_read)
+    url = request.getfixturevalue("database") if kind == "postgresql" else None
+    path = study_dir.write(study(study={"storage": url} if url else {}))
     config = parse_config(tomllib.loads(path.read_text()), path)
     created = create_or_resume(config)
     running = created.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1.0)})
@@ -176,11 +187,43 @@ def test_a_trial_that_ends_while_running_trials_are_read_keeps_its_params(
 
     def finish_it(conn: object, cursor: object, statement: str, *_: object) -> None:
         if "trial_params" in statement and not finished:  # between the trials and their params
-            with sqlite3.connect(study_dir.db) as other:
-                other.execute("UPDATE trials SET state = 'COMPLETE'")
+            update = "UPDATE trials SET state = 'COMPLETE'"
+            if url:
+                with psycopg.connect(url, autocommit=True) as server:
+                    server.execute(update)
+            else:
+                with sqlite3.connect(study_dir.db) as other:
+                    other.execute(update)
             finished.append(True)
 
     sa.event.listen(engine, "before_cursor_execute", finish_it)
     [seen] = read_trials(reader, states=[TrialState.RUNNING])
     assert finished, "the trial finished during the read"
     assert seen.params == running.params and seen.user_attrs == {"slot": 0}
+
+
+def test_a_sweeps_reads_wait_for_no_writer(
+    study_dir: StudyDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker reads trials while another process writes (SQLite's write lock held): its
+    reads go on from their snapshot instead of queueing for the lock behind every writer."""
+    import sqlite3
+    import tomllib
+
+    from sweeper.store import open as opening
+    from sweeper.store._compat import storage_of, trial_id
+
+    monkeypatch.setattr(opening, "SQLITE_BUSY_TIMEOUT", 0.5)  # a queued read fails fast
+    path = study_dir.write(study())
+    config = parse_config(tomllib.loads(path.read_text()), path)
+    create_or_resume(config)
+    worker = load(config)
+    running = worker.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1.0)})
+    with sqlite3.connect(study_dir.db, isolation_level=None) as other:
+        other.execute("BEGIN IMMEDIATE")  # a writer in the middle of its transaction
+        other.execute("UPDATE trials SET state = state")
+        [seen] = worker.get_trials(deepcopy=False)
+        again = storage_of(worker).get_trial(trial_id(running))
+        other.execute("COMMIT")
+    assert seen.params == running.params == again.params
+    assert seen.state == again.state == TrialState.RUNNING

@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from sweeper.errors import StorageError
-from sweeper.store.rows import FastRDBStorage
+from sweeper.store.rows import SNAPSHOT, FastRDBStorage
 
 GRACE_PERIOD = int(os.environ.get("SWEEPER_HEARTBEAT_GRACE", "120"))
 """Seconds without a heartbeat after which a trial of a lost machine is failed."""
@@ -136,7 +136,9 @@ def open_storage(
     SQLite runs in WAL mode with a busy timeout, and a writer's transactions
     take the write lock up front (``BEGIN IMMEDIATE``): a deferred transaction
     that upgrades from reading to writing fails at once with "database is
-    locked" when another writer got in first, whatever the timeout. A reader
+    locked" when another writer got in first, whatever the timeout. Sweeper's
+    trial reads are deferred transactions (a snapshot: they wait for no
+    writer, and writers wait for none of them). A reader
     (``writer=False``, the dashboard) keeps deferred transactions; a
     ``read_only`` one (status, best, report) opens the file read-only, so it
     can neither write nor take the write lock.
@@ -188,8 +190,8 @@ def open_storage(
         raise StorageError(f"cannot open study storage {shown}: {first_line(exc)}") from exc
     if path is not None:
         event.listen(storage.engine, "connect", _sync_on_checkpoint)
-    if path is not None and writer:
-        event.listen(storage.engine, "begin", _begin_immediate)
+    if path is not None:
+        event.listen(storage.engine, "begin", _begin_immediate if writer else _begin_snapshot)
     return storage
 
 
@@ -293,7 +295,20 @@ def _sync_on_checkpoint(connection: Any, _: Any) -> None:
 
 
 def _begin_immediate(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    """A writer's transaction: it takes the write lock up front, unless it only reads
+    (:data:`~sweeper.store.rows.SNAPSHOT`)."""
+    connection.exec_driver_sql("BEGIN" if _snapshot(connection) else "BEGIN IMMEDIATE")
+
+
+def _begin_snapshot(connection: Any) -> None:
+    """A reader's transaction: one snapshot for a read of several statements; any other
+    statement commits alone, as before."""
+    if _snapshot(connection):
+        connection.exec_driver_sql("BEGIN")
+
+
+def _snapshot(connection: Any) -> bool:
+    return bool(connection.get_execution_options().get(SNAPSHOT))
 
 
 def forget_connections(study: optuna.Study) -> None:

@@ -45,14 +45,27 @@ def read_trials(
     return _connected(storage, lambda connection: _read(connection, which))
 
 
+SNAPSHOT = "sweeper_snapshot"
+"""The execution option of a connection that only reads, in one transaction: on SQLite a
+deferred one, a snapshot that never waits for the write lock (see :mod:`sweeper.store.open`);
+on PostgreSQL one of repeatable read, whose statements see one snapshot."""
+
+
 def _connected(storage: RDBStorage, read: Callable[[sa.Connection], T]) -> T:
-    """``read`` on a connection of its own; once more on a new one when the server dropped the
-    connection (a restart, a terminated session), and any other database error as Optuna's
+    """``read`` in one read-only transaction of a connection of its own (its statements see
+    one state of the study); once more on a new one when the server dropped the connection (a
+    restart, a terminated session), and any other database error as Optuna's
     ``StorageInternalError``, which its own reads raise."""
     for attempt in range(2):
         try:
             with storage.engine.connect() as connection:
-                return read(connection)
+                connection.execution_options(**{SNAPSHOT: True})
+                with connection.begin():
+                    if connection.dialect.name == "postgresql":  # MySQL's default already is
+                        connection.exec_driver_sql(
+                            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+                        )
+                    return read(connection)
         except sa.exc.DBAPIError as exc:
             if exc.connection_invalidated and attempt == 0:
                 continue
