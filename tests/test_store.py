@@ -273,3 +273,66 @@ def test_the_last_point_of_a_grid_is_told_and_failed_without_an_error(study_dir:
     assert fail_trial(created, config, again.number, "killed", retries=0)
     states = [t.state for t in created.get_trials()]
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+
+
+def test_a_claimed_trial_is_written_whole_or_not_at_all(study_dir: StudyDir) -> None:
+    """Its params and its owner record are one write: a reader never meets a claimed trial
+    without its params, and a claim that fails between them leaves no params behind."""
+    import pytest
+    import sqlalchemy as sa
+
+    from sweeper.store._compat import backend
+
+    config = make(study_dir)
+    created = create_or_resume(config)
+    engine = backend(created).engine
+    seen: list[tuple[int, int]] = []
+
+    def look(*_: object) -> None:  # what another process sees of the writes before each
+        with sqlite3.connect(study_dir.db) as other:
+            seen.append(
+                other.execute(
+                    "SELECT (SELECT COUNT(*) FROM trial_params),"
+                    " (SELECT COUNT(*) FROM trial_user_attributes WHERE key = 'host')"
+                ).fetchone()
+            )
+
+    sa.event.listen(engine, "commit", look)
+    trial = take(created, config)
+    sa.event.remove(engine, "commit", look)
+    assert trial is not None and trial.params.keys() == {"lr", "hidden"}
+    assert seen and all(params in (0, 2) for params, _ in seen), "both params in one write"
+    assert (2, 0) not in seen, "params are never seen without their owner"
+    assert created.get_trials()[0].params == trial.params
+
+    def refuse(*_: object, **__: object) -> None:
+        raise OSError("disk full")
+
+    import sweeper.store.claims
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweeper.store.claims, "write_user_attrs", refuse)
+        with pytest.raises(OSError):
+            take(created, config)
+    half = created.get_trials()[1]
+    assert half.state == TrialState.RUNNING and half.params == {}, "nothing of it but its row"
+    assert take(created, config) is not None
+    assert created.get_trials()[1].state == TrialState.FAIL, "the ownerless trial is failed"
+
+
+def test_a_param_stored_with_another_kind_fails_the_claim_with_optunas_words(
+    study_dir: StudyDir,
+) -> None:
+    """A study written by other code, where ``lr`` is a choice: the sampler's float for it is
+    refused as Optuna refuses it, and no trial is left RUNNING."""
+    import pytest
+
+    from sweeper.store import SamplerFailed
+
+    config = make(study_dir)
+    created = create_or_resume(config)
+    other = created.ask({"lr": optuna.distributions.CategoricalDistribution([0.1, 0.2])})
+    created.tell(other, 0.5)
+    with pytest.raises(SamplerFailed, match="Cannot set different distribution kind"):
+        take(created, config)
+    assert [t.state for t in created.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]

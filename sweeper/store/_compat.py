@@ -21,7 +21,11 @@ from typing import Any
 
 import optuna
 import sqlalchemy as sa
-from optuna.distributions import BaseDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    check_distribution_compatibility,
+    distribution_to_json,
+)
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
@@ -37,6 +41,7 @@ __all__ = [
     "backend",
     "gp_sampler_seeing",
     "models",
+    "params_held",
     "rdb_storage_reading",
     "stale_trial_ids",
     "storage_of",
@@ -102,11 +107,54 @@ def stale_trial_ids(study: optuna.Study) -> list[int]:
     return [int(found) for found in storage._get_stale_trial_ids(study_id(study))]
 
 
+@contextlib.contextmanager
+def params_held(study: optuna.Study) -> Iterator[None]:
+    """Hold the param writes of the trials asked for inside: :func:`write_user_attrs` writes
+    them in its transaction, and what is left is written on the way out (dropped on an error).
+
+    Optuna writes each param of a new trial in a transaction of its own; a
+    claim asks for a trial and writes its owner record under the study's
+    claim lock, where every transaction makes the next claim wait.
+    """
+    storage = backend(study)
+    if not hasattr(storage, "held") or storage.held is not None:
+        yield  # not sweeper's storage (nothing to hold), or already held further up
+        return
+    storage.held = []
+    try:
+        yield
+        if storage.held:
+            with _create_scoped_session(storage.scoped_session) as session:
+                _write_held(storage, session)
+    finally:
+        storage.held = None
+
+
+def _write_held(storage: Any, session: Any, checked: int | None = None) -> None:
+    """The held param writes, in ``session``: those of trial ``checked`` (found RUNNING in
+    this transaction) whose distribution the study already knows in one insert, any other as
+    Optuna writes it (its checks included)."""
+    held, storage.held = storage.held, []
+    rows = []
+    for param in held:
+        found, name, value, distribution, previous = param
+        if found != checked or previous is None:
+            storage._set_trial_param_without_commit(session, *param)
+            continue
+        text = distribution_to_json(distribution)
+        rows.append(
+            dict(trial_id=found, param_name=name, param_value=value, distribution_json=text)
+        )
+    if rows:
+        session.execute(sa.insert(models.TrialParamModel.__table__), rows)
+
+
 def write_user_attrs(
     study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any], first_beat: bool = False
 ) -> None:
     """Write several user attributes of a RUNNING trial (and, with ``first_beat``, its first
-    heartbeat) in one transaction; UpdateFinishedTrialError if it has ended.
+    heartbeat) in one transaction, with the params :func:`params_held` holds;
+    UpdateFinishedTrialError if it has ended.
 
     Optuna writes each attribute in a transaction of its own (find the trial,
     check it, find the attribute, write, commit): a claim writes eight under
@@ -123,6 +171,8 @@ def write_user_attrs(
         stored = models.TrialModel.find_or_raise_by_id(found, session)
         state: Any = stored.state  # a TrialState, read through an ORM column
         storage.check_trial_is_updatable(found, state)
+        if getattr(storage, "held", None):
+            _write_held(storage, session, checked=found)
         table = models.TrialUserAttributeModel.__table__
         stored_keys = {
             key: row_id
@@ -164,15 +214,41 @@ TrialReader = Callable[
 although not newer, only trials with a greater id unless -1)."""
 
 
+HeldParam = tuple[int, str, float, BaseDistribution, BaseDistribution | None]
+"""A param write Optuna asked for: (trial id, name, internal value, distribution, the
+distribution the study already knows for that name)."""
+
+
 def rdb_storage_reading(
     read: TrialReader, read_one: Callable[[RDBStorage, int], FrozenTrial]
 ) -> type[RDBStorage]:
     """An RDBStorage subclass whose every trial read (its cache's too) goes through ``read``,
-    and whose read of one trial by its id goes through ``read_one``."""
+    whose read of one trial by its id goes through ``read_one``, and whose param writes are
+    held while it ``held`` a list (see :func:`params_held`)."""
 
     class Storage(RDBStorage):
+        held: list[HeldParam] | None = None
+
         def get_trial(self, trial_id: int) -> FrozenTrial:
             return read_one(self, trial_id)
+
+        def _set_trial_param(
+            self,
+            trial_id: int,
+            param_name: str,
+            param_value_internal: float,
+            distribution: BaseDistribution,
+            previous_distribution: BaseDistribution | None,
+        ) -> None:
+            if self.held is None:
+                super()._set_trial_param(
+                    trial_id, param_name, param_value_internal, distribution, previous_distribution
+                )
+                return
+            if previous_distribution is not None:  # refused now, as Optuna would
+                check_distribution_compatibility(previous_distribution, distribution)
+            held = (trial_id, param_name, param_value_internal, distribution)
+            self.held.append((*held, previous_distribution))
 
         def _get_trials(
             self,
@@ -255,6 +331,9 @@ def _check() -> None:
     ):
         if not callable(getattr(model, name, None)):
             problems.append(f"{model.__name__}.{name} is gone")
+    for name in ("_set_trial_param", "_set_trial_param_without_commit"):
+        if not callable(getattr(optuna.storages.RDBStorage, name, None)):
+            problems.append(f"RDBStorage.{name} is gone")
     if not callable(getattr(optuna.storages.RDBStorage, "_get_stale_trial_ids", None)):
         problems.append("RDBStorage._get_stale_trial_ids is gone")
     for model, name in (

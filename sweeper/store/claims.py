@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from sweeper.config import StudyConfig
 from sweeper.errors import StorageError, SweeperError
 from sweeper.space import ask, parse_space
-from sweeper.store._compat import write_user_attrs
+from sweeper.store._compat import params_held, write_user_attrs
 from sweeper.store.open import check_sqlite_path, first_line, is_server, mask_url, sqlite_path
 from sweeper.store.pruning import REPORTED
 
@@ -290,21 +290,22 @@ def claim(
     # same seed in every worker would make parallel workers suggest alike.
     study.sampler = sampler_for(config, trial_seed(config.study.seed, len(trials)))
     space = parse_space(config.search, config.path)
-    try:
-        with warnings.catch_warnings():
-            # Heartbeats are recorded by the worker, which Optuna cannot see from here.
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            trial = ask(study, space)  # parents first where the space has conditions
-    except Exception as exc:
-        reason = f"error: the sampler failed: {type(exc).__name__}: {exc}"
-        fail_orphans(study, owner.host, ownerless_reason=reason)
-        raise SamplerFailed(
-            f"{config.path}: sampler: asking {config.sampler.name} for a trial failed: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    if len(study.directions) > 1 and REPORTED in trial.user_attrs:
-        # A retry is enqueued with the failed run's user attributes: its own reports
-        # start anew, or the pruner would judge it by the dead run's later steps.
-        attrs = {**attrs, REPORTED: []}
-    write_user_attrs(study, trial, {**owner.record(), **attrs}, first_beat=True)
+    with params_held(study):  # written with the owner record, in one transaction
+        try:
+            with warnings.catch_warnings():
+                # Heartbeats are recorded by the worker, which Optuna cannot see from here.
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = ask(study, space)  # parents first where the space has conditions
+        except Exception as exc:
+            reason = f"error: the sampler failed: {type(exc).__name__}: {exc}"
+            fail_orphans(study, owner.host, ownerless_reason=reason)
+            raise SamplerFailed(
+                f"{config.path}: sampler: asking {config.sampler.name} for a trial failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if len(study.directions) > 1 and REPORTED in trial.user_attrs:
+            # A retry is enqueued with the failed run's user attributes: its own reports
+            # start anew, or the pruner would judge it by the dead run's later steps.
+            attrs = {**attrs, REPORTED: []}
+        write_user_attrs(study, trial, {**owner.record(), **attrs}, first_beat=True)
     return trial
