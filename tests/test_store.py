@@ -336,3 +336,31 @@ def test_a_param_stored_with_another_kind_fails_the_claim_with_optunas_words(
     with pytest.raises(SamplerFailed, match="Cannot set different distribution kind"):
         take(created, config)
     assert [t.state for t in created.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]
+
+
+def test_a_silent_machines_trial_is_taken_over_within_a_heartbeat_interval(
+    study_dir: StudyDir, monkeypatch
+) -> None:
+    """A claim looks for machines gone silent (a heartbeat older than the grace period) the
+    first time, then once per heartbeat interval: not in every claim of a busy study."""
+    import time
+
+    config = make(study_dir, study={"n_trials": 10})
+    created = create_or_resume(config)
+    far = Owner("machine-lost", 1, None)
+
+    def silence() -> None:
+        with sqlite3.connect(study_dir.db) as db:
+            db.execute("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00'")
+
+    lost = take(created, config, far)  # this process's first claim looked
+    silence()
+    take(created, config)
+    assert created.get_trials()[lost.number].state == TrialState.RUNNING, "looked just now"
+    monkeypatch.setattr(time, "monotonic", lambda: 1e12)  # an interval on
+    take(created, config)
+    taken = created.get_trials()[lost.number]
+    assert taken.state == TrialState.FAIL
+    assert "its machine went silent" in taken.user_attrs["stop_reason"]
+    retry = created.get_trials()[-1]
+    assert retry.params == lost.params and retry.state == TrialState.RUNNING

@@ -311,6 +311,7 @@ def _check() -> None:
         },
         models.TrialUserAttributeModel: {"trial_id", "key", "value_json"},
         models.TrialSystemAttributeModel: {"trial_id", "key", "value_json"},
+        models.StudyUserAttributeModel: {"study_id", "key", "value_json"},
     }
     for model, columns in expected.items():
         missing = columns - set(model.__table__.columns.keys())

@@ -14,7 +14,9 @@ import contextlib
 import hashlib
 import os
 import socket
+import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,14 @@ from sweeper.config import StudyConfig
 from sweeper.errors import StorageError, SweeperError
 from sweeper.space import ask, parse_space
 from sweeper.store._compat import params_held, write_user_attrs
-from sweeper.store.open import check_sqlite_path, first_line, is_server, mask_url, sqlite_path
+from sweeper.store.open import (
+    HEARTBEAT_INTERVAL,
+    check_sqlite_path,
+    first_line,
+    is_server,
+    mask_url,
+    sqlite_path,
+)
 from sweeper.store.pruning import REPORTED
 
 LOCK_WAIT = float(os.environ.get("SWEEPER_LOCK_WAIT", "600"))
@@ -246,6 +255,21 @@ def before_fork(study: optuna.Study) -> None:
         pass  # only a head start: the trial's claim reads, and reports, for itself
 
 
+_STALE_CHECKED: weakref.WeakKeyDictionary[optuna.Study, float] = weakref.WeakKeyDictionary()
+
+
+def _stale_due(study: optuna.Study) -> bool:
+    """Whether this process's claim looks for machines gone silent now: at most once per
+    heartbeat interval (so a silent machine's trials are taken over at most that much later
+    than its grace period ends), not in every claim."""
+    now = time.monotonic()
+    last = _STALE_CHECKED.get(study)
+    if last is not None and now - last < HEARTBEAT_INTERVAL:
+        return False
+    _STALE_CHECKED[study] = now
+    return True
+
+
 def claim(
     study: optuna.Study,
     config: StudyConfig,
@@ -272,7 +296,8 @@ def claim(
         return None  # `sweeper stop`: no new trial, whoever asks
     trials = study.get_trials(deepcopy=False)
     running = [t for t in trials if t.state == TrialState.RUNNING]
-    if fail_orphans(study, owner.host, asker=owner.worker, running=running) + fail_stale(study):
+    stale = fail_stale(study) if _stale_due(study) else []
+    if fail_orphans(study, owner.host, asker=owner.worker, running=running) + stale:
         trials = study.get_trials(deepcopy=False)
     now = Snapshot(trials, config.study.n_trials, since or 0)
     if drop_surplus(study, now):

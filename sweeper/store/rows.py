@@ -51,6 +51,27 @@ deferred one, a snapshot that never waits for the write lock (see :mod:`sweeper.
 on PostgreSQL one of repeatable read, whose statements see one snapshot."""
 
 
+def study_user_attr(study: optuna.Study, key: str) -> Any:
+    """The study's user attribute ``key`` (None when unset), read as a plain row: a claim asks
+    for the stop request each time, and Optuna's read of every attribute takes SQLite's write
+    lock."""
+    storage = backend(study)
+    if not isinstance(storage, RDBStorage):
+        return study.user_attrs.get(key)
+    select = _study_attr()
+    values = {"study": study_id(study), "key": key}
+    found = _connected(storage, lambda connection: connection.execute(select, values).scalar())
+    return None if found is None else json.loads(found)
+
+
+@functools.cache
+def _study_attr() -> sa.Select[Any]:
+    table = models.StudyUserAttributeModel.__table__
+    return sa.select(table.c.value_json).where(
+        table.c.study_id == sa.bindparam("study"), table.c.key == sa.bindparam("key")
+    )
+
+
 def _connected(storage: RDBStorage, read: Callable[[sa.Connection], T]) -> T:
     """``read`` in one read-only transaction of a connection of its own (its statements see
     one state of the study); once more on a new one when the server dropped the connection (a

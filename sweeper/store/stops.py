@@ -15,6 +15,8 @@ from typing import Any
 
 import optuna
 
+from sweeper.store.rows import study_user_attr
+
 STOP_KEY = "stop_requested"
 """The study user attribute holding the request (None once withdrawn)."""
 
@@ -45,7 +47,7 @@ def request_stop(study: optuna.Study, now: bool) -> StopRequest:
 
 def stop_request(study: optuna.Study) -> StopRequest | None:
     """The standing request to stop, if any (one read of the study's attributes)."""
-    stored: Any = study.user_attrs.get(STOP_KEY)
+    stored: Any = study_user_attr(study, STOP_KEY)
     if not isinstance(stored, dict):
         return None
     return StopRequest(
