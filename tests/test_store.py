@@ -364,3 +364,46 @@ def test_a_silent_machines_trial_is_taken_over_within_a_heartbeat_interval(
     assert "its machine went silent" in taken.user_attrs["stop_reason"]
     retry = created.get_trials()[-1]
     assert retry.params == lost.params and retry.state == TrialState.RUNNING
+
+
+def test_a_claim_waits_for_the_claim_lock_then_takes_it_or_says_who_holds_it(
+    study_dir: StudyDir, monkeypatch
+) -> None:
+    """Another process holds a SQLite study's claim lock: a claim waits, takes the lock once
+    it is let go, and, past ``SWEEPER_LOCK_WAIT``, gives up with one line naming it."""
+    import time
+
+    import pytest
+
+    import sweeper.store.claims
+    from sweeper.errors import StorageError
+    from sweeper.store import claim_lock
+
+    config = make(study_dir)
+    create_or_resume(config)
+    lock_file = f"{study_dir.db}.lock"
+    hold = (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX);"
+        "print('held', flush=True); time.sleep(float(sys.argv[2]))"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, lock_file, "30"], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    monkeypatch.setattr(sweeper.store.claims, "LOCK_WAIT", 0.5)
+    with pytest.raises(StorageError, match=r"could not take the claim lock .*\.lock in 0\.5 s"):
+        with claim_lock(config):
+            pass
+    holder.kill()
+    holder.wait()
+
+    brief = subprocess.Popen(
+        [sys.executable, "-c", hold, lock_file, "1"], stdout=subprocess.PIPE, text=True
+    )
+    assert brief.stdout is not None and brief.stdout.readline() == "held\n"
+    monkeypatch.setattr(sweeper.store.claims, "LOCK_WAIT", 30)
+    began = time.monotonic()
+    with claim_lock(config):
+        waited = time.monotonic() - began
+    assert waited > 0.5, "it waited for the holder"
+    assert brief.wait(timeout=30) == 0
