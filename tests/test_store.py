@@ -391,9 +391,10 @@ def test_a_claim_waits_for_the_claim_lock_then_takes_it_or_says_who_holds_it(
     )
     assert holder.stdout is not None and holder.stdout.readline() == "held\n"
     monkeypatch.setattr(sweeper.store.claims, "LOCK_WAIT", 0.5)
-    with pytest.raises(StorageError, match=r"could not take the claim lock .*\.lock in 0\.5 s"):
-        with claim_lock(config):
-            pass
+    refused = r"could not take the claim lock .*\.lock in 0\.5 s"
+    gives_up = pytest.raises(StorageError, match=refused)
+    with gives_up, claim_lock(config):
+        pass
     holder.kill()
     holder.wait()
 
@@ -407,3 +408,48 @@ def test_a_claim_waits_for_the_claim_lock_then_takes_it_or_says_who_holds_it(
         waited = time.monotonic() - began
     assert waited > 0.5, "it waited for the holder"
     assert brief.wait(timeout=30) == 0
+
+
+def test_a_trial_ends_with_its_outcome_in_one_write_and_a_failure_from_outside_stands(
+    study_dir: StudyDir,
+) -> None:
+    """Its state, value and outcome attributes are one write: a reader never meets a trial
+    still RUNNING with a stop reason, or ended without one. A trial failed from outside
+    first (its time limit) keeps that failure: the outcome told later is not written."""
+    import sqlalchemy as sa
+
+    from sweeper.store import tell
+    from sweeper.store._compat import backend
+
+    config = make(study_dir, study={"n_trials": 4})
+    created = create_or_resume(config)
+    trial = take(created, config)
+    seen: list[tuple[str, int]] = []
+
+    def look(*_: object) -> None:  # what another process sees of the writes before each
+        with sqlite3.connect(study_dir.db) as other:
+            seen.append(
+                other.execute(
+                    "SELECT state, (SELECT COUNT(*) FROM trial_user_attributes"
+                    " WHERE key = 'stop_reason') FROM trials"
+                ).fetchone()
+            )
+
+    engine = backend(created).engine
+    sa.event.listen(engine, "commit", look)
+    assert tell(created, trial, TrialState.COMPLETE, 0.5, {"stop_reason": "completed", "x": 1})
+    sa.event.remove(engine, "commit", look)
+    look()
+    assert ("RUNNING", 1) not in seen, "no stop reason while it runs"
+    assert ("COMPLETE", 0) not in seen and seen[-1] == ("COMPLETE", 1)
+    ended = created.get_trials()[0]
+    assert ended.value == 0.5 and ended.user_attrs["x"] == 1
+
+    late = take(created, config)
+    assert fail_trial(created, config, late.number, "timed out after 5 s", retries=0)
+    assert not tell(created, late, TrialState.COMPLETE, 0.9, {"stop_reason": "completed", "x": 2})
+    failed = created.get_trials()[late.number]
+    assert failed.state == TrialState.FAIL and failed.user_attrs["stop_reason"] == (
+        "timed out after 5 s"
+    )
+    assert "x" not in failed.user_attrs

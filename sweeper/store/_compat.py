@@ -16,7 +16,7 @@ import contextlib
 import inspect
 import json
 import logging
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any
 
 import optuna
@@ -38,6 +38,7 @@ TESTED_MAJOR = 5
 
 __all__ = [
     "TESTED_MAJOR",
+    "attrs_with_end",
     "backend",
     "gp_sampler_seeing",
     "models",
@@ -173,38 +174,65 @@ def write_user_attrs(
         storage.check_trial_is_updatable(found, state)
         if getattr(storage, "held", None):
             _write_held(storage, session, checked=found)
-        table = models.TrialUserAttributeModel.__table__
-        stored_keys = {
-            key: row_id
-            for key, row_id in session.execute(
-                sa.select(table.c.key, table.c.trial_user_attribute_id).where(
-                    table.c.trial_id == found
-                )
-            )
-        }
-        texts = {key: json.dumps(value) for key, value in attrs.items()}
-        changed = [
-            {"row": stored_keys[key], "text": text}
-            for key, text in texts.items()
-            if key in stored_keys
-        ]
-        added = [
-            {"trial_id": found, "key": key, "value_json": text}
-            for key, text in texts.items()
-            if key not in stored_keys
-        ]
-        if changed:  # one statement for all of them, as for the new ones
-            session.execute(
-                sa.update(table)
-                .where(table.c.trial_user_attribute_id == sa.bindparam("row"))
-                .values(value_json=sa.bindparam("text")),
-                changed,
-            )
-        if added:
-            session.execute(sa.insert(table), added)
+        _upsert_user_attrs(session, found, attrs)
         if first_beat and models.TrialHeartbeatModel.where_trial_id(found, session) is None:
             session.add(models.TrialHeartbeatModel(trial_id=found))
     trial._cached_frozen_trial.user_attrs.update(attrs)
+
+
+def _upsert_user_attrs(session: Any, found: int, attrs: dict[str, Any]) -> None:
+    """Write the user attributes ``attrs`` of trial ``found`` in ``session``: one update of
+    those it has, one insert of the others."""
+    table = models.TrialUserAttributeModel.__table__
+    stored_keys = {
+        key: row_id
+        for key, row_id in session.execute(
+            sa.select(table.c.key, table.c.trial_user_attribute_id).where(
+                table.c.trial_id == found
+            )
+        )
+    }
+    texts = {key: json.dumps(value) for key, value in attrs.items()}
+    changed = [
+        {"row": stored_keys[key], "text": text}
+        for key, text in texts.items()
+        if key in stored_keys
+    ]
+    added = [
+        {"trial_id": found, "key": key, "value_json": text}
+        for key, text in texts.items()
+        if key not in stored_keys
+    ]
+    if changed:
+        session.execute(
+            sa.update(table)
+            .where(table.c.trial_user_attribute_id == sa.bindparam("row"))
+            .values(value_json=sa.bindparam("text")),
+            changed,
+        )
+    if added:
+        session.execute(sa.insert(table), added)
+
+
+@contextlib.contextmanager
+def attrs_with_end(
+    study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any]
+) -> Iterator[None]:
+    """Write the user attributes ``attrs`` of ``trial`` in the transaction that ends it, when
+    ``study.tell`` inside records its state and values: a reader sees the trial end with its
+    outcome, and the outcome costs no transaction of its own. When the trial had already
+    ended, they are not written.
+    """
+    storage = backend(study)
+    if not hasattr(storage, "ending"):  # not sweeper's storage: written apart, first
+        write_user_attrs(study, trial, attrs)
+        yield
+        return
+    storage.ending = (trial_id(trial), attrs)
+    try:
+        yield
+    finally:
+        storage.ending = None
 
 
 TrialReader = Callable[
@@ -223,11 +251,30 @@ def rdb_storage_reading(
     read: TrialReader, read_one: Callable[[RDBStorage, int], FrozenTrial]
 ) -> type[RDBStorage]:
     """An RDBStorage subclass whose every trial read (its cache's too) goes through ``read``,
-    whose read of one trial by its id goes through ``read_one``, and whose param writes are
-    held while it ``held`` a list (see :func:`params_held`)."""
+    whose read of one trial by its id goes through ``read_one``, whose param writes are held
+    while ``held`` is a list (see :func:`params_held`), and which writes a trial's outcome
+    attributes in the transaction that ends it (see :func:`attrs_with_end`)."""
 
     class Storage(RDBStorage):
         held: list[HeldParam] | None = None
+        ending: tuple[int, dict[str, Any]] | None = None
+
+        def set_trial_state_values(
+            self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+        ) -> bool:
+            if self.ending is None or self.ending[0] != trial_id or not state.is_finished():
+                return super().set_trial_state_values(trial_id, state, values)
+            attrs = self.ending[1]
+            session = self.scoped_session()  # the thread's session, which Optuna's write uses
+
+            def write(session: Any) -> None:  # in the transaction, before it commits
+                _upsert_user_attrs(session, trial_id, attrs)
+
+            sa.event.listen(session, "before_commit", write)
+            try:
+                return super().set_trial_state_values(trial_id, state, values)
+            finally:
+                sa.event.remove(session, "before_commit", write)
 
         def get_trial(self, trial_id: int) -> FrozenTrial:
             return read_one(self, trial_id)

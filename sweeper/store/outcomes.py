@@ -16,13 +16,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.config import StudyConfig
 from sweeper.store._compat import (
+    attrs_with_end,
     backend,
     stale_trial_ids,
     storage_of,
     study_id,
     telling,
     trial_id,
-    write_user_attrs,
 )
 from sweeper.store.claims import Owner, claim_lock
 from sweeper.store.confirm import is_confirmation
@@ -97,14 +97,13 @@ def tell(
     heartbeat): then the outcome recorded first stands.
     """
     try:
-        write_user_attrs(study, trial, attrs)
         if attrs.get("diverged"):
             # TPE ranks a pruned trial by how far it got: one that diverged late
             # would rank above one the median pruner stopped early, and one that
             # diverged before its first validation has no value at all. As an
             # infeasible trial it ranks below every feasible one, as it should.
             trial.set_constraint("diverged", 1.0)
-        with telling(study):
+        with telling(study), attrs_with_end(study, trial, attrs):
             told = study.tell(trial, values, state=state, skip_if_finished=True)
     except UpdateFinishedTrialError:
         return False
