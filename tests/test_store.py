@@ -327,15 +327,17 @@ def test_a_param_stored_with_another_kind_fails_the_claim_with_optunas_words(
     refused as Optuna refuses it, and no trial is left RUNNING."""
     import pytest
 
-    from sweeper.store import SamplerFailed
+    from sweeper.store import SamplerFailed, load
 
     config = make(study_dir)
     created = create_or_resume(config)
     other = created.ask({"lr": optuna.distributions.CategoricalDistribution([0.1, 0.2])})
     created.tell(other, 0.5)
-    with pytest.raises(SamplerFailed, match="Cannot set different distribution kind"):
-        take(created, config)
-    assert [t.state for t in created.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]
+    for worker in (created, load(config)):  # one that wrote the choice, one that knows nothing
+        with pytest.raises(SamplerFailed, match="Cannot set different distribution kind"):
+            take(worker, config)
+    states = [t.state for t in created.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
 
 
 def test_a_silent_machines_trial_is_taken_over_within_a_heartbeat_interval(
@@ -453,3 +455,51 @@ def test_a_trial_ends_with_its_outcome_in_one_write_and_a_failure_from_outside_s
         "timed out after 5 s"
     )
     assert "x" not in failed.user_attrs
+
+
+def test_a_claimed_trials_params_are_stored_in_the_order_they_were_sampled(
+    study_dir: StudyDir,
+) -> None:
+    """A conditional space: a parameter this worker meets for the first time, after ones it
+    knows, is stored after them, so every reader lists a trial's params as it was sampled."""
+    search = {
+        "optimizer": {"choices": ["sgd", "adam"]},
+        "lr": {"low": 1e-3, "high": 1.0, "log": True},
+        "momentum": {"low": 0.0, "high": 0.99, "when": {"optimizer": "sgd"}},
+    }
+    config = make(study_dir, search=search)
+    created = create_or_resume(config)
+    created.enqueue_trial({"optimizer": "adam", "lr": 0.1})  # no momentum
+    created.enqueue_trial({"optimizer": "sgd", "lr": 0.2})
+    created.tell(take(created, config), 0.5)
+    trial = take(created, config)
+    assert list(trial.params) == ["optimizer", "lr", "momentum"]
+    with sqlite3.connect(study_dir.db) as other:
+        stored = [
+            name
+            for (name,) in other.execute(
+                "SELECT param_name FROM trial_params WHERE trial_id = 2 ORDER BY param_id"
+            )
+        ]
+    assert stored == list(trial.params)
+
+
+def test_an_outcome_optuna_refuses_keeps_what_the_trial_reported(study_dir: StudyDir) -> None:
+    """A value Optuna does not take (NaN) is refused before the trial ends: the outcome's
+    attributes are still written, for the failure that follows to show them."""
+    import math
+
+    import pytest
+
+    from sweeper.store import tell
+
+    config = make(study_dir)
+    created = create_or_resume(config)
+    trial = take(created, config)
+    with pytest.raises(ValueError, match="nan"):
+        tell(created, trial, TrialState.COMPLETE, math.nan, {"seed": 3, "fit_seconds": 1.5})
+    reason = "its outcome could not be recorded"
+    assert fail_trial(created, config, trial.number, reason, retries=0)
+    failed = created.get_trials()[trial.number]
+    assert failed.state == TrialState.FAIL
+    assert failed.user_attrs["seed"] == 3 and failed.user_attrs["fit_seconds"] == 1.5

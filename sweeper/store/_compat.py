@@ -132,16 +132,16 @@ def params_held(study: optuna.Study) -> Iterator[None]:
 
 
 def _write_held(storage: Any, session: Any, checked: int | None = None) -> None:
-    """The held param writes, in ``session``: those of trial ``checked`` (found RUNNING in
-    this transaction) whose distribution the study already knows in one insert, any other as
-    Optuna writes it (its checks included)."""
+    """The held param writes, in ``session``, in the order they were asked: those of trial
+    ``checked`` (found RUNNING in this transaction; their distributions were checked when
+    held) in one insert, any other as Optuna writes it."""
     held, storage.held = storage.held, []
-    rows = []
-    for param in held:
-        found, name, value, distribution, previous = param
-        if found != checked or previous is None:
+    if any(found != checked for found, *_ in held):
+        for param in held:
             storage._set_trial_param_without_commit(session, *param)
-            continue
+        return
+    rows = []
+    for found, name, value, distribution in held:
         text = distribution_to_json(distribution)
         rows.append(
             dict(trial_id=found, param_name=name, param_value=value, distribution_json=text)
@@ -242,9 +242,8 @@ TrialReader = Callable[
 although not newer, only trials with a greater id unless -1)."""
 
 
-HeldParam = tuple[int, str, float, BaseDistribution, BaseDistribution | None]
-"""A param write Optuna asked for: (trial id, name, internal value, distribution, the
-distribution the study already knows for that name)."""
+HeldParam = tuple[int, str, float, BaseDistribution]
+"""A param write Optuna asked for, checked: (trial id, name, internal value, distribution)."""
 
 
 def rdb_storage_reading(
@@ -266,15 +265,23 @@ def rdb_storage_reading(
                 return super().set_trial_state_values(trial_id, state, values)
             attrs = self.ending[1]
             session = self.scoped_session()  # the thread's session, which Optuna's write uses
+            written: list[bool] = []
 
             def write(session: Any) -> None:  # in the transaction, before it commits
                 _upsert_user_attrs(session, trial_id, attrs)
+                written.append(True)
 
             sa.event.listen(session, "before_commit", write)
             try:
-                return super().set_trial_state_values(trial_id, state, values)
+                ended = super().set_trial_state_values(trial_id, state, values)
             finally:
                 sa.event.remove(session, "before_commit", write)
+            if ended and not written:
+                raise OptunaMismatch(
+                    "Optuna ended a trial outside its thread's session: its outcome was not "
+                    f"written; install a tested Optuna ({TESTED_MAJOR}.x)"
+                )
+            return ended
 
         def get_trial(self, trial_id: int) -> FrozenTrial:
             return read_one(self, trial_id)
@@ -294,8 +301,15 @@ def rdb_storage_reading(
                 return
             if previous_distribution is not None:  # refused now, as Optuna would
                 check_distribution_compatibility(previous_distribution, distribution)
-            held = (trial_id, param_name, param_value_internal, distribution)
-            self.held.append((*held, previous_distribution))
+            else:  # the study's own is not known here yet: Optuna's check, its write undone
+                session = self.scoped_session()
+                try:
+                    self._set_trial_param_without_commit(
+                        session, trial_id, param_name, param_value_internal, distribution
+                    )
+                finally:
+                    session.rollback()
+            self.held.append((trial_id, param_name, param_value_internal, distribution))
 
         def _get_trials(
             self,

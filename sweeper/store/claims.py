@@ -167,7 +167,13 @@ def claim_lock(config: StudyConfig) -> Iterator[None]:
                 f"cannot create the claim lock {lock_file}: {exc.strerror or exc}"
             ) from exc
         try:  # closing the file lets the lock go
-            if not _flock_within(fd, LOCK_WAIT):
+            try:
+                taken = _flock_within(fd, LOCK_WAIT)
+            except OSError as exc:  # no locks on this file system, say
+                raise StorageError(
+                    f"cannot take the claim lock {lock_file}: {exc.strerror or exc}"
+                ) from exc
+            if not taken:
                 raise StorageError(
                     f"could not take the claim lock {lock_file} in {LOCK_WAIT:g} s; another "
                     "process holds it"
@@ -188,24 +194,33 @@ def _flock_within(fd: int, wait: float) -> bool:
     A contended lock is waited for in the kernel, by a thread (a blocking
     flock has no timeout of its own), which wakes the moment the holder lets
     go: waiters that poll sleep past that moment, and eight of them polling
-    take the CPU the holder needs. A waiter given up on takes the lock in the
-    end and lets it go at once, its file closed.
+    take the CPU the holder needs. The thread waits on a file descriptor of
+    its own for the same open file, and closes it: a lock it takes after it
+    was given up on goes with the file, once ``fd`` is closed too.
     """
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         pass
-    taken = threading.Event()
+    own = os.dup(fd)
+    ended: list[OSError | None] = []
 
     def take() -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        taken.set()
+        try:
+            fcntl.flock(own, fcntl.LOCK_EX)
+            ended.append(None)
+        except OSError as exc:
+            ended.append(exc)
+        finally:
+            os.close(own)  # the lock stays with the open file, which ``fd`` holds
 
     waiter = threading.Thread(target=take, name="claim-lock", daemon=True)
     waiter.start()
     waiter.join(wait)  # ended, where it took the lock: no thread is left for a fork to copy
-    return taken.is_set()
+    if ended and ended[0] is not None:
+        raise ended[0]
+    return bool(ended)
 
 
 @contextlib.contextmanager

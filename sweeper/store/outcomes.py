@@ -23,6 +23,7 @@ from sweeper.store._compat import (
     study_id,
     telling,
     trial_id,
+    write_user_attrs,
 )
 from sweeper.store.claims import Owner, claim_lock
 from sweeper.store.confirm import is_confirmation
@@ -107,6 +108,12 @@ def tell(
             told = study.tell(trial, values, state=state, skip_if_finished=True)
     except UpdateFinishedTrialError:
         return False
+    except optuna.exceptions.StorageInternalError:
+        raise
+    except Exception:  # refused (a value Optuna does not take): the failure that follows
+        with contextlib.suppress(UpdateFinishedTrialError):  # keeps what the trial reported
+            write_user_attrs(study, trial, attrs)
+        raise
     return told.state == state and told.user_attrs.get("stop_reason") == attrs.get("stop_reason")
 
 

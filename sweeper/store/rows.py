@@ -80,12 +80,11 @@ def _connected(storage: RDBStorage, read: Callable[[sa.Connection], T]) -> T:
     for attempt in range(2):
         try:
             with storage.engine.connect() as connection:
-                connection.execution_options(**{SNAPSHOT: True})
+                options: dict[str, Any] = {SNAPSHOT: True}
+                if connection.dialect.name == "postgresql":  # MySQL's default already is
+                    options |= {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+                connection.execution_options(**options)  # undone when it goes back to the pool
                 with connection.begin():
-                    if connection.dialect.name == "postgresql":  # MySQL's default already is
-                        connection.exec_driver_sql(
-                            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
-                        )
                     return read(connection)
         except sa.exc.DBAPIError as exc:
             if exc.connection_invalidated and attempt == 0:
