@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -35,6 +38,30 @@ def make(study_dir: StudyDir, **sections):
 
 def take(created: optuna.Study, config, owner: Owner | None = None):
     return claim(created, config, owner or Owner.me(), {})
+
+
+@contextlib.contextmanager
+def seen_before_each_commit(
+    created: optuna.Study, study_dir: StudyDir, query: str
+) -> Iterator[list[tuple[Any, ...]]]:
+    """What another process reads with ``query`` just before each of the study's commits: the
+    writes committed until then."""
+    import sqlalchemy as sa
+
+    from sweeper.store._compat import backend
+
+    seen: list[tuple[Any, ...]] = []
+
+    def look(*_: object) -> None:
+        with sqlite3.connect(study_dir.db) as other:
+            seen.append(other.execute(query).fetchone())
+
+    engine = backend(created).engine
+    sa.event.listen(engine, "commit", look)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "commit", look)
 
 
 def test_claim_stops_at_n_trials_counting_running_ones(study_dir: StudyDir) -> None:
@@ -279,27 +306,15 @@ def test_a_claimed_trial_is_written_whole_or_not_at_all(study_dir: StudyDir) -> 
     """Its params and its owner record are one write: a reader never meets a claimed trial
     without its params, and a claim that fails between them leaves no params behind."""
     import pytest
-    import sqlalchemy as sa
-
-    from sweeper.store._compat import backend
 
     config = make(study_dir)
     created = create_or_resume(config)
-    engine = backend(created).engine
-    seen: list[tuple[int, int]] = []
-
-    def look(*_: object) -> None:  # what another process sees of the writes before each
-        with sqlite3.connect(study_dir.db) as other:
-            seen.append(
-                other.execute(
-                    "SELECT (SELECT COUNT(*) FROM trial_params),"
-                    " (SELECT COUNT(*) FROM trial_user_attributes WHERE key = 'host')"
-                ).fetchone()
-            )
-
-    sa.event.listen(engine, "commit", look)
-    trial = take(created, config)
-    sa.event.remove(engine, "commit", look)
+    query = (
+        "SELECT (SELECT COUNT(*) FROM trial_params),"
+        " (SELECT COUNT(*) FROM trial_user_attributes WHERE key = 'host')"
+    )
+    with seen_before_each_commit(created, study_dir, query) as seen:
+        trial = take(created, config)
     assert trial is not None and trial.params.keys() == {"lr", "hidden"}
     assert seen and all(params in (0, 2) for params, _ in seen), "both params in one write"
     assert (2, 0) not in seen, "params are never seen without their owner"
@@ -418,30 +433,20 @@ def test_a_trial_ends_with_its_outcome_in_one_write_and_a_failure_from_outside_s
     """Its state, value and outcome attributes are one write: a reader never meets a trial
     still RUNNING with a stop reason, or ended without one. A trial failed from outside
     first (its time limit) keeps that failure: the outcome told later is not written."""
-    import sqlalchemy as sa
 
     from sweeper.store import tell
-    from sweeper.store._compat import backend
 
     config = make(study_dir, study={"n_trials": 4})
     created = create_or_resume(config)
     trial = take(created, config)
-    seen: list[tuple[str, int]] = []
-
-    def look(*_: object) -> None:  # what another process sees of the writes before each
-        with sqlite3.connect(study_dir.db) as other:
-            seen.append(
-                other.execute(
-                    "SELECT state, (SELECT COUNT(*) FROM trial_user_attributes"
-                    " WHERE key = 'stop_reason') FROM trials"
-                ).fetchone()
-            )
-
-    engine = backend(created).engine
-    sa.event.listen(engine, "commit", look)
-    assert tell(created, trial, TrialState.COMPLETE, 0.5, {"stop_reason": "completed", "x": 1})
-    sa.event.remove(engine, "commit", look)
-    look()
+    query = (
+        "SELECT state, (SELECT COUNT(*) FROM trial_user_attributes"
+        " WHERE key = 'stop_reason') FROM trials"
+    )
+    with seen_before_each_commit(created, study_dir, query) as seen:
+        assert tell(created, trial, TrialState.COMPLETE, 0.5, {"stop_reason": "completed", "x": 1})
+    with sqlite3.connect(study_dir.db) as other:
+        seen.append(other.execute(query).fetchone())
     assert ("RUNNING", 1) not in seen, "no stop reason while it runs"
     assert ("COMPLETE", 0) not in seen and seen[-1] == ("COMPLETE", 1)
     ended = created.get_trials()[0]
