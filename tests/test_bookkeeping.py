@@ -312,8 +312,9 @@ def test_a_worker_killed_mid_sweep_is_started_again_and_its_trial_retried(
     lost = trials[victim.number]
     assert lost.state == TrialState.FAIL
     assert lost.user_attrs["stop_reason"] == "interrupted: its process ended before the trial did"
+    assert lost.params, "claimed with its params"
     assert [t.params for t in trials if t.system_attrs.get("failed_trial") == victim.number] == [
-        victim.params
+        lost.params
     ]
 
 

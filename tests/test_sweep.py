@@ -240,7 +240,8 @@ def test_killed_trial_is_failed_and_retried_with_its_params(study_dir: StudyDir)
     assert killed.state == TrialState.FAIL
     assert killed.user_attrs["stop_reason"].startswith("killed by signal 9 (SIGKILL)")
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
-    assert len(retries) == 1 and retries[0].params == victim.params
+    assert killed.params, "claimed with its params"
+    assert len(retries) == 1 and retries[0].params == killed.params
     assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert finished(trials) == 4
     assert f"trial {victim.number} failed: killed by signal 9" in out
