@@ -121,7 +121,17 @@ batch_size = 32""",
         (ROOT / "bench" / "pruning_tasks.py",),
     ),
 }
-SETTINGS = ("none", "default", "median", "percentile", "asha", "asha-auto", "hyperband")
+SETTINGS = (
+    "none",
+    "default",
+    "median",
+    "percentile",
+    "incumbent",
+    "incumbent-p1",
+    "asha",
+    "asha-auto",
+    "hyperband",
+)
 STUDY = """
 [study]
 name = "bench"
@@ -153,6 +163,8 @@ def pruner_sections(setting: str, steps: int) -> str:
         "default": "",
         "median": '[pruner]\nname = "median"\nn_startup_trials = 2\n',
         "percentile": '[pruner]\nname = "percentile"\npercentile = 25.0\nn_startup_trials = 2\n',
+        "incumbent": '[pruner]\nname = "incumbent"\n',
+        "incumbent-p1": '[pruner]\nname = "incumbent"\npatience = 1\n',
         "asha": f'[pruner]\nname = "asha"\nmin_resource = {rung}\nreduction_factor = 3\n',
         "asha-auto": '[pruner]\nname = "asha"\n',
         "hyperband": (

@@ -28,7 +28,7 @@ from sweeper.errors import ConfigError, SweeperError
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "grid")
 INTERNAL = ("path", "night")
 """StudyConfig fields that are not keys of the study file."""
-PRUNERS = ("median", "percentile", "hyperband", "asha", "threshold", "none")
+PRUNERS = ("median", "incumbent", "percentile", "hyperband", "asha", "threshold", "none")
 NAME_MAX = 100
 """Longest study name: it names files and folders, with a night's date added."""
 LARGEST = 2**53

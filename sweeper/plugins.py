@@ -31,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from sweeper.config import StudyConfig, shown
 from sweeper.errors import ConfigError
+from sweeper.incumbent import IncumbentPruner
 from sweeper.space import SearchSpace, ask, grid_space, parse_space
 from sweeper.store import is_diverged, report
 from sweeper.store._compat import gp_sampler_seeing
@@ -141,6 +142,7 @@ def _factory(config: StudyConfig, section: str) -> tuple[Any, tuple[Any, ...], d
         return (
             {
                 "median": pruners.MedianPruner,
+                "incumbent": IncumbentPruner,
                 "percentile": pruners.PercentilePruner,
                 "hyperband": pruners.HyperbandPruner,
                 "asha": pruners.SuccessiveHalvingPruner,
