@@ -59,6 +59,16 @@ def test_gpu_index_maps_through_the_callers_visible_devices() -> None:
     assert env["CUDA_VISIBLE_DEVICES"] == "7"
 
 
+def test_gpu_index_means_the_nvidia_smi_numbering() -> None:
+    """Slots are planned from nvidia-smi's numbering, which is PCI bus order; CUDA numbers
+    the devices fastest first unless told otherwise: on mixed GPUs the two differ."""
+    env = worker_environment(Slot(0, 1, 1), {"PATH": "/bin"})
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    chosen = worker_environment(Slot(0, 1, 1), {"CUDA_DEVICE_ORDER": "FASTEST_FIRST"})
+    assert chosen["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"  # the caller's choice stands
+    assert "CUDA_DEVICE_ORDER" not in worker_environment(Slot(0, None, 1), {})
+
+
 def test_cpu_worker_sees_no_gpu() -> None:
     env = worker_environment(Slot(0, None, 2), {"CUDA_VISIBLE_DEVICES": "0"})
     assert env["CUDA_VISIBLE_DEVICES"] == ""

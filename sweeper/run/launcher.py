@@ -32,6 +32,9 @@ def worker_environment(slot: Slot, environ: Mapping[str, str]) -> dict[str, str]
 
     A GPU slot sees only its GPU (CUDA_VISIBLE_DEVICES, mapped through any
     CUDA_VISIBLE_DEVICES the sweep itself was given); a CPU slot sees none.
+    GPUs are numbered as nvidia-smi numbers them, from which the slots are
+    planned: PCI bus order (CUDA_DEVICE_ORDER, unless the sweep was given one;
+    CUDA's own order puts the fastest first, which differs on mixed GPUs).
     Thread counts are capped at the slot's share of the cores.
     """
     env = dict(environ)
@@ -42,6 +45,7 @@ def worker_environment(slot: Slot, environ: Mapping[str, str]) -> dict[str, str]
             v.strip() for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()
         ]
         env["CUDA_VISIBLE_DEVICES"] = visible[slot.gpu] if visible else str(slot.gpu)
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[name] = str(slot.threads)
     env["TOKENIZERS_PARALLELISM"] = "false"
