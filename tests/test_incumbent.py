@@ -103,3 +103,18 @@ def test_a_bad_option_is_named(study_dir: StudyDir) -> None:
     result = run_sweeper("check", str(scripted_sweep(study_dir, margin=-0.1)))
     one_line_error(result, "pruner.margin: margin must be 0 or more, got -0.1")
     assert study_dir.created() == []
+
+
+def test_a_study_of_two_metrics_is_judged_by_the_first(tmp_path: Path) -> None:
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'study.db'}",
+        directions=["maximize", "minimize"],
+        pruner=IncumbentPruner(),
+    )
+    for first, second in ((0.7, 1.0), (0.9, 5.0)):  # the best first metric is 0.9
+        trial = study.ask()
+        assert not report(study, trial, first, 10)
+        study.tell(trial, [first, second])
+    trial = study.ask()
+    assert not report(study, trial, 0.9, 10)
+    assert report(study, trial, 0.8, 20)  # behind 0.9, the incumbent's last value before
