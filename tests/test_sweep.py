@@ -141,6 +141,8 @@ def test_sweep_runs_to_n_trials_and_reports_the_best(study_dir: StudyDir) -> Non
     assert {t.user_attrs["stop_reason"].split(" ")[0] for t in trials} <= {"completed", "pruned"}
     devices = {t.user_attrs["device"] for t in trials}
     assert devices == {"cpu"}
+    assert {t.user_attrs["precision"] for t in trials} == {"32-true"}
+    assert not any("gpu" in t.user_attrs for t in trials)
     assert len({t.user_attrs["slot"] for t in trials}) == 2, "both CPU slots must run trials"
     for trial in trials:
         history = trial.user_attrs["history"]

@@ -245,12 +245,25 @@ def _fit(
             attrs.update(stop_reason="early-stopped", stop_step=trainer.global_step)
     attrs["fit_seconds"] = round(time.perf_counter() - started, 4)
     if trainer is not None:
-        attrs["steps"] = trainer.global_step
+        attrs.update(steps=trainer.global_step, precision=str(trainer.precision))
+    if slot.gpu is not None:
+        attrs.update(gpu_used(slot.gpu))
     if watcher.onset is not None:
         attrs["divergence_onset"] = watcher.onset
     if recorder.best is not None:
         attrs.update(best_step=recorder.best_step, best_epoch=recorder.best_epoch)
     return Fit(state, attrs, recorder)
+
+
+def gpu_used(index: int) -> dict[str, Any]:
+    """The GPU a trial ran on, as nvidia-smi names it (model, PCI bus id), and the most
+    memory its tensors held (``gpu_peak_mb``)."""
+    props = torch.cuda.get_device_properties(index)
+    bus = [getattr(props, f"pci_{part}_id", None) for part in ("domain", "bus", "device")]
+    named = {"gpu": props.name}
+    if None not in bus:
+        named["gpu"] += f" {bus[0]:08X}:{bus[1]:02X}:{bus[2]:02X}.0"
+    return {**named, "gpu_peak_mb": round(torch.cuda.max_memory_allocated(index) / 2**20, 1)}
 
 
 def parameter_counts(module: torch.nn.Module) -> dict[str, int]:
