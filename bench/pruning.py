@@ -128,6 +128,7 @@ SETTINGS = (
     "percentile",
     "incumbent",
     "incumbent-p1",
+    "incumbent-noise",
     "asha",
     "asha-auto",
     "hyperband",
@@ -165,6 +166,7 @@ def pruner_sections(setting: str, steps: int) -> str:
         "percentile": '[pruner]\nname = "percentile"\npercentile = 25.0\nn_startup_trials = 2\n',
         "incumbent": '[pruner]\nname = "incumbent"\n',
         "incumbent-p1": '[pruner]\nname = "incumbent"\npatience = 1\n',
+        "incumbent-noise": '[pruner]\nname = "incumbent"\nmargin = "noise"\n',
         "asha": f'[pruner]\nname = "asha"\nmin_resource = {rung}\nreduction_factor = 3\n',
         "asha-auto": '[pruner]\nname = "asha"\n',
         "hyperband": (

@@ -12,18 +12,23 @@ than ``margin``, for ``patience + 1`` validations in a row, is stopped.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 
 import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+NOISE = "noise"
+"""``margin = "noise"``: the incumbent's own noise is the margin."""
+
 
 class IncumbentPruner(optuna.pruners.BasePruner):
     """Prune a trial that trails the incumbent's curve at the same steps.
 
     ``margin``: how far behind the incumbent (in the metric's units) a value
-    may be and still count as level. ``patience``: validations in a row a
+    may be and still count as level; ``"noise"``: the largest fall between two
+    successive validations of the incumbent, its own noise. ``patience``: validations in a row a
     trial may trail before it is stopped (0: at the first). ``n_warmup_steps``:
     steps before which no trial is judged. ``n_startup_trials``: complete
     trials before any is judged. The incumbent is the complete trial with the
@@ -33,13 +38,13 @@ class IncumbentPruner(optuna.pruners.BasePruner):
 
     def __init__(
         self,
-        margin: float = 0.0,
+        margin: float | str = 0.0,
         patience: int = 0,
         n_warmup_steps: int = 0,
         n_startup_trials: int = 1,
     ) -> None:
-        if margin < 0 or math.isnan(margin):
-            raise ValueError(f"margin must be 0 or more, got {margin}")
+        if margin != NOISE and (isinstance(margin, str) or margin < 0 or math.isnan(margin)):
+            raise ValueError(f'margin must be a number, 0 or more, or "{NOISE}", got {margin!r}')
         if patience < 0:
             raise ValueError(f"patience must be 0 or more, got {patience}")
         if n_warmup_steps < 0:
@@ -68,10 +73,12 @@ class IncumbentPruner(optuna.pruners.BasePruner):
         behind = judged[-(self._patience + 1) :]
         if len(behind) < self._patience + 1:
             return False
-        return all(self._trails(trial, incumbent, s, maximize) for s in behind)
+        margin = noise(incumbent, maximize) if isinstance(self._margin, str) else self._margin
+        return all(self._trails(trial, incumbent, s, maximize, margin) for s in behind)
 
+    @staticmethod
     def _trails(
-        self, trial: FrozenTrial, incumbent: FrozenTrial, step: int, maximize: bool
+        trial: FrozenTrial, incumbent: FrozenTrial, step: int, maximize: bool, margin: float
     ) -> bool:
         """Whether ``trial`` at ``step`` is behind the incumbent there by more than the margin."""
         ours = trial.intermediate_values[step]
@@ -80,7 +87,7 @@ class IncumbentPruner(optuna.pruners.BasePruner):
         theirs = value_at(incumbent, step)
         if theirs is None or math.isnan(theirs):
             return False
-        return ours < theirs - self._margin if maximize else ours > theirs + self._margin
+        return ours < theirs - margin if maximize else ours > theirs + margin
 
 
 def value_at(trial: FrozenTrial, step: int) -> float | None:
@@ -88,3 +95,10 @@ def value_at(trial: FrozenTrial, step: int) -> float | None:
     steps = sorted(trial.intermediate_values)
     at = bisect.bisect_right(steps, step)
     return trial.intermediate_values[steps[at - 1]] if at else None
+
+
+def noise(trial: FrozenTrial, maximize: bool) -> float:
+    """The largest fall (a worse value) between two successive validations of ``trial``."""
+    values = [trial.intermediate_values[s] for s in sorted(trial.intermediate_values)]
+    falls = [(a - b if maximize else b - a) for a, b in itertools.pairwise(values)]
+    return max([f for f in falls if not math.isnan(f)] + [0.0])

@@ -101,7 +101,9 @@ def test_a_sweep_prunes_the_trial_behind_the_first_at_its_first_validation(
 
 def test_a_bad_option_is_named(study_dir: StudyDir) -> None:
     result = run_sweeper("check", str(scripted_sweep(study_dir, margin=-0.1)))
-    one_line_error(result, "pruner.margin: margin must be 0 or more, got -0.1")
+    one_line_error(
+        result, 'pruner.margin: margin must be a number, 0 or more, or "noise", got -0.1'
+    )
     assert study_dir.created() == []
 
 
