@@ -1,7 +1,7 @@
 """What each pruner saves, against no pruning, over workloads of different shapes and seeds.
 
     python bench/pruning.py [--workloads digits text cnn] [--seeds 3] [--trials 16]
-                            [--settings none default median percentile asha hyperband]
+                            [--settings none default median incumbent asha hyperband]
                             [--workers 1]
     python bench/pruning.py --quick    # digits, 1 seed, 6 trials, 2 workers: about 3 minutes
     python bench/pruning.py --workloads text --seeds 1 --trials 6 --settings none default
@@ -24,6 +24,9 @@ cnn four times), so a pruner can act within the first epoch. Settings: ``none``
 (no pruner, divergence guard off: the baseline), ``default`` (no ``[pruner]``
 and no ``[divergence]``: what a study file without them gets), ``median`` and
 ``percentile`` (25: only the top quarter is kept) with 2 start-up trials,
+``incumbent`` (sweeper's incumbent pruner as it comes: a trial behind the best
+complete trial's curve at the same step by more than that curve's own noise is
+stopped), ``incumbent-strict`` (the same with no margin),
 ``asha`` (successive halving, reduction factor 3, rungs in optimizer steps at
 1/27, 1/9, 1/3 of a full trial), ``asha-auto`` (Optuna's successive halving as it
 comes: reduction factor 4, the first rung at 1/100 of the first finished trial's
@@ -127,8 +130,7 @@ SETTINGS = (
     "median",
     "percentile",
     "incumbent",
-    "incumbent-p1",
-    "incumbent-noise",
+    "incumbent-strict",
     "asha",
     "asha-auto",
     "hyperband",
@@ -165,8 +167,7 @@ def pruner_sections(setting: str, steps: int) -> str:
         "median": '[pruner]\nname = "median"\nn_startup_trials = 2\n',
         "percentile": '[pruner]\nname = "percentile"\npercentile = 25.0\nn_startup_trials = 2\n',
         "incumbent": '[pruner]\nname = "incumbent"\n',
-        "incumbent-p1": '[pruner]\nname = "incumbent"\npatience = 1\n',
-        "incumbent-noise": '[pruner]\nname = "incumbent"\nmargin = "noise"\n',
+        "incumbent-strict": '[pruner]\nname = "incumbent"\nmargin = 0.0\n',
         "asha": f'[pruner]\nname = "asha"\nmin_resource = {rung}\nreduction_factor = 3\n',
         "asha-auto": '[pruner]\nname = "asha"\n',
         "hyperband": (

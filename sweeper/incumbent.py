@@ -6,7 +6,9 @@ fine-tuning sweep has 8 to 60 trials, and the trials it runs share one
 schedule (the same epochs, warm-up and decay over the same steps), so the
 curve of the best complete trial so far (the incumbent) is a yardstick from
 the second trial on: a trial that is behind it at the same step, by more
-than ``margin``, for ``patience + 1`` validations in a row, is stopped.
+than ``margin`` (by default the incumbent's own noise: the largest fall
+between two of its successive validations), for ``patience + 1``
+validations in a row, is stopped.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ class IncumbentPruner(optuna.pruners.BasePruner):
     """Prune a trial that trails the incumbent's curve at the same steps.
 
     ``margin``: how far behind the incumbent (in the metric's units) a value
-    may be and still count as level; ``"noise"``: the largest fall between two
-    successive validations of the incumbent, its own noise. ``patience``: validations in a row a
-    trial may trail before it is stopped (0: at the first). ``n_warmup_steps``:
+    may be and still count as level; ``"noise"`` (the default): the largest
+    fall between two successive validations of the incumbent, its own noise.
+    ``patience``: validations in a row a trial may trail before it is stopped
+    (0: at the first). ``n_warmup_steps``:
     steps before which no trial is judged. ``n_startup_trials``: complete
     trials before any is judged. The incumbent is the complete trial with the
     best value (of the first metric); its value at a step is the last one it
@@ -38,7 +41,7 @@ class IncumbentPruner(optuna.pruners.BasePruner):
 
     def __init__(
         self,
-        margin: float | str = 0.0,
+        margin: float | str = "noise",
         patience: int = 0,
         n_warmup_steps: int = 0,
         n_startup_trials: int = 1,

@@ -43,7 +43,7 @@ def test_nothing_is_pruned_before_a_trial_completes(tmp_path: Path) -> None:
 
 
 def test_a_trial_behind_the_best_at_the_same_step_is_pruned(tmp_path: Path) -> None:
-    study = on_sqlite(tmp_path, IncumbentPruner())
+    study = on_sqlite(tmp_path, IncumbentPruner(margin=0.0))
     finished(study, {10: 0.5, 20: 0.6, 30: 0.7})  # the incumbent for now
     finished(study, {10: 0.6, 20: 0.7, 30: 0.8})  # the best: every trial meets its curve
     assert judged(study, {10: 0.55}) == [True]  # behind 0.6, ahead of the first trial
@@ -60,8 +60,16 @@ def test_the_margin_and_the_patience(tmp_path: Path) -> None:
     assert judged(study, {10: 0.5, 20: 0.6}) == [False, True]
 
 
+def test_a_margin_from_the_incumbents_own_noise(tmp_path: Path) -> None:
+    study = on_sqlite(tmp_path, IncumbentPruner())  # margin = "noise"
+    finished(study, {10: 0.5, 20: 0.7, 30: 0.62, 40: 0.8})  # it fell by 0.08 once
+    assert judged(study, {10: 0.43, 20: 0.63}) == [False, False]  # within 0.08
+    assert judged(study, {10: 0.5, 20: 0.61}) == [False, True]
+
+
 def test_a_study_that_minimizes_and_a_warm_up(tmp_path: Path) -> None:
-    study = on_sqlite(tmp_path, IncumbentPruner(n_warmup_steps=15), direction="minimize")
+    pruner = IncumbentPruner(margin=0.0, n_warmup_steps=15)
+    study = on_sqlite(tmp_path, pruner, direction="minimize")
     finished(study, {10: 1.0, 20: 0.5})
     assert judged(study, {10: 2.0, 20: 0.4}) == [False, False]  # judged from step 15 on
     assert judged(study, {10: 0.1, 20: 0.6}) == [False, True]
@@ -111,7 +119,7 @@ def test_a_study_of_two_metrics_is_judged_by_the_first(tmp_path: Path) -> None:
     study = optuna.create_study(
         storage=f"sqlite:///{tmp_path / 'study.db'}",
         directions=["maximize", "minimize"],
-        pruner=IncumbentPruner(),
+        pruner=IncumbentPruner(margin=0.0),
     )
     for first, second in ((0.7, 1.0), (0.9, 5.0)):  # the best first metric is 0.9
         trial = study.ask()
