@@ -100,3 +100,22 @@ def test_ten_thousand_cpu_workers_pass_check_as_the_cores(study_dir: StudyDir) -
     assert result.returncode == 0, result.stderr
     assert f"ok; {count_cpus()} slot(s) on cpu" in result.stdout
     assert study_dir.created() == []
+
+
+def test_a_gpu_trial_names_its_gpu_as_nvidia_smi_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: torch's device properties are stood in for (a Hopper at bus 3b)."""
+    import types
+
+    import torch
+
+    from sweeper.run.trial import gpu_used
+
+    props = types.SimpleNamespace(
+        name="NVIDIA H200", pci_domain_id=0, pci_bus_id=0x3B, pci_device_id=0
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda index: 812 * 2**20)
+    assert gpu_used(0) == {"gpu": "NVIDIA H200 00000000:3B:00.0", "gpu_peak_mb": 812.0}
+    older = types.SimpleNamespace(name="Tesla T4")  # a torch without the PCI ids
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: older)
+    assert gpu_used(0)["gpu"] == "Tesla T4"

@@ -246,7 +246,7 @@ def _fit(
     attrs["fit_seconds"] = round(time.perf_counter() - started, 4)
     if trainer is not None:
         attrs.update(steps=trainer.global_step, precision=str(trainer.precision))
-    if slot.gpu is not None:
+    if slot.gpu is not None and torch.cuda.is_initialized():
         attrs.update(gpu_used(slot.gpu))
     if watcher.onset is not None:
         attrs["divergence_onset"] = watcher.onset
