@@ -32,11 +32,10 @@ class IncumbentPruner(optuna.pruners.BasePruner):
     may be and still count as level; ``"noise"`` (the default): the largest
     fall between two successive validations of the incumbent, its own noise.
     ``patience``: validations in a row a trial may trail before it is stopped
-    (0: at the first). ``n_warmup_steps``:
-    steps before which no trial is judged. ``n_startup_trials``: complete
-    trials before any is judged. The incumbent is the complete trial with the
-    best value (of the first metric); its value at a step is the last one it
-    reported at or before that step.
+    (0: at the first). ``n_warmup_steps``: steps before which no trial is
+    judged. ``n_startup_trials``: complete trials before any is judged. The
+    incumbent is the complete trial with the best value (of the first metric);
+    its value at a step is the last one it reported at or before that step.
     """
 
     def __init__(
@@ -76,7 +75,9 @@ class IncumbentPruner(optuna.pruners.BasePruner):
         behind = judged[-(self._patience + 1) :]
         if len(behind) < self._patience + 1:
             return False
-        margin = noise(incumbent, maximize) if isinstance(self._margin, str) else self._margin
+        margin = self._margin
+        if isinstance(margin, str):
+            margin = noise(incumbent, maximize, since=self._n_warmup_steps)
         return all(self._trails(trial, incumbent, s, maximize, margin) for s in behind)
 
     @staticmethod
@@ -100,8 +101,10 @@ def value_at(trial: FrozenTrial, step: int) -> float | None:
     return trial.intermediate_values[steps[at - 1]] if at else None
 
 
-def noise(trial: FrozenTrial, maximize: bool) -> float:
-    """The largest fall (a worse value) between two successive validations of ``trial``."""
-    values = [trial.intermediate_values[s] for s in sorted(trial.intermediate_values)]
+def noise(trial: FrozenTrial, maximize: bool, since: int = 0) -> float:
+    """The largest fall (a worse value) between two successive validations of ``trial``,
+    from step ``since`` on (before it, trials are not judged)."""
+    steps = [s for s in sorted(trial.intermediate_values) if s >= since]
+    values = [trial.intermediate_values[s] for s in steps]
     falls = [(a - b if maximize else b - a) for a, b in itertools.pairwise(values)]
     return max([f for f in falls if not math.isnan(f)] + [0.0])

@@ -67,6 +67,13 @@ def test_a_margin_from_the_incumbents_own_noise(tmp_path: Path) -> None:
     assert judged(study, {10: 0.5, 20: 0.61}) == [False, True]
 
 
+def test_the_noise_of_a_study_that_minimizes_and_after_the_warm_up(tmp_path: Path) -> None:
+    study = on_sqlite(tmp_path, IncumbentPruner(n_warmup_steps=20), direction="minimize")
+    finished(study, {10: 0.5, 20: 0.9, 30: 0.4, 40: 0.46, 50: 0.3})  # rose by 0.4 in warm-up
+    assert judged(study, {20: 0.8, 30: 0.45}) == [False, False]  # within 0.06 of 0.4
+    assert judged(study, {20: 0.8, 30: 0.47}) == [False, True]
+
+
 def test_a_study_that_minimizes_and_a_warm_up(tmp_path: Path) -> None:
     pruner = IncumbentPruner(margin=0.0, n_warmup_steps=15)
     study = on_sqlite(tmp_path, pruner, direction="minimize")
