@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -100,6 +102,8 @@ class Samples:
     """Per sample: bus id -> MiB held by processes on it (0 or missing: no process)."""
     per_pid: dict[int, int] = field(default_factory=dict)
     """The most MiB each process was seen to hold."""
+    failed: int = 0
+    """Samples nvidia-smi did not answer."""
 
 
 def smi(*query: str) -> list[list[str]]:
@@ -115,30 +119,45 @@ def smi(*query: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.split(",")] for line in lines]
 
 
-def bus_id(text: str) -> str:
-    """A PCI bus id as nvidia-smi writes it (8-digit domain), upper case."""
-    domain, rest = text.strip().upper().split(":", 1)
-    return f"{int(domain, 16):08X}:{rest}"
+def bus_id(text: str) -> str | None:
+    """A PCI bus id found in ``text``, as nvidia-smi writes it (8-digit domain, upper case)."""
+    found = re.search(r"([0-9A-Fa-f]{4,8}):([0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7])", text)
+    return f"{int(found[1], 16):08X}:{found[2].upper()}" if found else None
+
+
+def mib(cell: str) -> int:
+    """A memory cell of nvidia-smi in MiB; 0 for ``[N/A]`` and ``[Not Supported]``."""
+    try:
+        return int(float(cell))
+    except ValueError:
+        return 0
 
 
 def list_gpus() -> list[Gpu]:
     rows = smi("--query-gpu=index,pci.bus_id,name,memory.total")
-    return [Gpu(int(i), bus_id(b), n, int(float(t))) for i, b, n, t in rows]
+    return [Gpu(int(i), bus_id(b) or b, n, mib(t)) for i, b, n, t in rows]
 
 
 def sample(samples: Samples, stop: threading.Event) -> None:
-    """Sample memory in use per GPU and per process until ``stop``."""
+    """Sample memory in use per GPU and per process until ``stop``; a process whose memory
+    nvidia-smi does not show (in some containers) still counts as on its GPU."""
     while not stop.is_set():
-        used = {bus_id(b): int(float(u)) for b, u in smi("--query-gpu=pci.bus_id,memory.used")}
-        held: dict[str, int] = {}
-        for pid, bus, mb in smi("--query-compute-apps=pid,gpu_bus_id,used_memory"):
-            if not mb.isdigit():
-                continue
-            held[bus_id(bus)] = held.get(bus_id(bus), 0) + int(mb)
-            samples.per_pid[int(pid)] = max(samples.per_pid.get(int(pid), 0), int(mb))
-        samples.times.append(time.time())
-        samples.used.append(used)
-        samples.apps.append(held)
+        try:
+            gpus = smi("--query-gpu=pci.bus_id,memory.used")
+            apps = smi("--query-compute-apps=pid,gpu_bus_id,used_memory")
+        except (OSError, subprocess.SubprocessError):
+            samples.failed += 1
+        else:
+            used = {bus_id(b) or b: mib(u) for b, u in gpus}
+            held: dict[str, int] = {}
+            for pid, bus, mb in apps:
+                where = bus_id(bus) or bus
+                held[where] = held.get(where, 0) + max(mib(mb), 1)
+                if pid.isdigit():
+                    samples.per_pid[int(pid)] = max(samples.per_pid.get(int(pid), 0), mib(mb))
+            samples.times.append(time.time())
+            samples.used.append(used)
+            samples.apps.append(held)
         stop.wait(SAMPLE_EVERY)
 
 
@@ -202,20 +221,21 @@ def report(name: str, trials: list[FrozenTrial], samples: Samples, gpus: list[Gp
         wall = (last - first).total_seconds()
         gaps = sum(between(a, b) for a, b in itertools.pairwise(ran))
         fits = sum(float(t.user_attrs.get("fit_seconds", 0.0)) for t in ran)
-        seen = {str(t.user_attrs.get("gpu", "?")) for t in ran}
+        seen = {str(t.user_attrs["gpu"]) for t in ran if "gpu" in t.user_attrs}
         ran_on = sorted(
-            {
-                f"GPU {by_bus[b].index}" if (b := bus_id(s.split()[-1])) in by_bus else s
-                for s in seen
-                if s != "?"
-            }
+            {f"GPU {by_bus[b].index}" if (b := bus_id(s)) in by_bus else s for s in seen}
         )
         precision = ", ".join(sorted({str(t.user_attrs.get("precision", "?")) for t in ran}))
         peak = max(float(t.user_attrs.get("gpu_peak_mb", 0.0)) for t in ran)
+        windows = [
+            (t.datetime_start.timestamp(), t.datetime_complete.timestamp())
+            for t in ran
+            if t.datetime_start and t.datetime_complete
+        ]
         idle_mb = [
             used.get(planned.bus, 0) - baseline.get(planned.bus, 0)
-            for used, apps in zip(samples.used, samples.apps, strict=True)
-            if apps.get(planned.bus, 0) == 0
+            for at, used, apps in zip(samples.times, samples.used, samples.apps, strict=True)
+            if apps.get(planned.bus, 0) == 0 and not any(a <= at <= b for a, b in windows)
         ]
         left = f"{max(idle_mb)}" if idle_mb else "-"
         idle = gaps / wall if wall > 0 else 0.0
@@ -232,7 +252,10 @@ def report(name: str, trials: list[FrozenTrial], samples: Samples, gpus: list[Gp
         if idle_mb and max(idle_mb) > 64:
             misses.append(f"{name}: GPU {planned.index} kept {max(idle_mb)} MiB between trials")
     held = max(samples.per_pid.values(), default=0)
-    said = f"NOTE {name}: the most a trial process held, as nvidia-smi saw it: {held} MiB"
+    said = (
+        f"NOTE {name}: the most a trial process held, as nvidia-smi saw it: {held} MiB; "
+        f"{len(samples.times)} samples, {samples.failed} unanswered"
+    )
     return rows + [said] + [f"MISS {m}" for m in misses]
 
 
@@ -243,6 +266,11 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("nvidia-smi") is None:
         raise SystemExit("bench/gpu.py: no nvidia-smi on this machine; it measures GPUs only")
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        raise SystemExit(
+            "bench/gpu.py: CUDA_VISIBLE_DEVICES is set; unset it: the bench plans every GPU "
+            "nvidia-smi lists, as sweeper does without it"
+        )
     gpus = list_gpus()
     if not gpus:
         raise SystemExit("bench/gpu.py: nvidia-smi lists no GPU")
@@ -264,7 +292,11 @@ def main() -> None:
     notes: list[str] = []
     misses: list[str] = []
     for name in args.workloads or ["digits", "text"]:
-        trials, samples = sweep(name, args.trials_per_gpu, gpus)
+        try:
+            trials, samples = sweep(name, args.trials_per_gpu, gpus)
+        except SystemExit as failed:  # the sweep failed: its last lines, and on to the next
+            misses.append(f"{name}: {failed}")
+            continue
         rows = report(name, trials, samples, gpus)
         lines += [row for row in rows if row.startswith("|")]
         notes += [row[5:] for row in rows if row.startswith("NOTE")]
@@ -274,10 +306,8 @@ def main() -> None:
             for t in trials
             if t.datetime_complete and t.datetime_start
         ]
-        print(
-            f"{name}: {len(trials)} trials, median trial {statistics.median(walls):.1f} s",
-            file=sys.stderr,
-        )
+        median = f"{statistics.median(walls):.1f} s" if walls else "-"
+        print(f"{name}: {len(trials)} trials, median trial {median}", file=sys.stderr)
     print(f"{len(gpus)} GPU(s): " + "; ".join(f"{g.index} {g.name} {g.bus}" for g in gpus))
     print("\n".join(lines))
     print()
