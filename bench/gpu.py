@@ -46,39 +46,12 @@ from optuna.trial import FrozenTrial
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pruning import WORKLOADS  # noqa: E402  (bench/pruning.py, beside this script)
+from pruning import WORKLOADS, pruner_sections, study_text  # noqa: E402  (beside this script)
 from sweeps import start  # noqa: E402
 
 IDLE_TARGET = 0.02
 """Most idle time between trials, as a share of a slot's wall time."""
 SAMPLE_EVERY = 0.2
-STUDY = """
-[study]
-name = "gpu"
-direction = "maximize"
-metric = "{metric}"
-n_trials = {trials}
-seed = 0
-
-[task]
-{task}
-
-[trainer]
-{trainer}
-
-[search]
-{search}
-
-[pruner]
-name = "none"
-
-[divergence]
-enabled = false
-
-[resources]
-devices = "auto"
-trials_per_device = 1
-"""
 
 
 @dataclass(frozen=True)
@@ -170,14 +143,14 @@ def sweep(name: str, trials_per_gpu: int, gpus: list[Gpu]) -> tuple[list[FrozenT
         folder = Path(tmp)
         for path in workload.files:
             shutil.copy(path, folder / path.name)
-        study_file = folder / "gpu.toml"
+        study_file = folder / "bench.toml"
         study_file.write_text(
-            STUDY.format(
-                metric=workload.metric,
-                trials=trials_per_gpu * len(gpus),
-                task=workload.task,
-                trainer=workload.trainer,
-                search=workload.search,
+            study_text(
+                workload,
+                trials_per_gpu * len(gpus),
+                0,
+                pruner_sections("none", 0),  # every trial in full: no pruner, no guard
+                'devices = "auto"\ntrials_per_device = 1',
             )
         )
         sampler = threading.Thread(target=sample, args=(samples, stop), daemon=True)
@@ -187,7 +160,7 @@ def sweep(name: str, trials_per_gpu: int, gpus: list[Gpu]) -> tuple[list[FrozenT
         finally:
             stop.set()
             sampler.join()
-        study = optuna.load_study(study_name="gpu", storage=f"sqlite:///{folder}/gpu.db")
+        study = optuna.load_study(study_name="bench", storage=f"sqlite:///{folder}/bench.db")
         return study.get_trials(deepcopy=False), samples
 
 

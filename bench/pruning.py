@@ -153,9 +153,23 @@ seed = {seed}
 {search}
 {pruner}
 [resources]
-devices = "cpu"
-cpu_workers = {workers}
+{resources}
 """
+
+
+def study_text(workload: Workload, trials: int, seed: int, pruner: str, resources: str) -> str:
+    """The study file of a sweep of ``workload`` (study "bench"), with its ``[pruner]`` (and
+    ``[divergence]``) sections and the lines of its ``[resources]``."""
+    return STUDY.format(
+        metric=workload.metric,
+        trials=trials,
+        seed=seed,
+        task=workload.task,
+        trainer=workload.trainer,
+        search=workload.search,
+        pruner=pruner,
+        resources=resources,
+    )
 
 
 def pruner_sections(setting: str, steps: int) -> str:
@@ -204,15 +218,12 @@ def run(workload: Workload, setting: str, seed: int, trials: int, workers: int, 
             shutil.copy(path, folder / path.name)
         study_file = folder / "bench.toml"
         study_file.write_text(
-            STUDY.format(
-                metric=workload.metric,
-                trials=trials,
-                seed=seed,
-                task=workload.task,
-                trainer=workload.trainer,
-                search=workload.search,
-                pruner=pruner_sections(setting, steps),
-                workers=workers,
+            study_text(
+                workload,
+                trials,
+                seed,
+                pruner_sections(setting, steps),
+                f'devices = "cpu"\ncpu_workers = {workers}',
             )
         )
         wall = start(study_file, setting)
