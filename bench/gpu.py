@@ -46,7 +46,7 @@ from optuna.trial import FrozenTrial
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pruning import WORKLOADS, pruner_sections, study_text  # noqa: E402  (beside this script)
+from pruning import WORKLOADS, pruner_sections, write_study  # noqa: E402  (beside this script)
 from sweeps import start  # noqa: E402
 
 IDLE_TARGET = 0.02
@@ -141,17 +141,13 @@ def sweep(name: str, trials_per_gpu: int, gpus: list[Gpu]) -> tuple[list[FrozenT
     stop = threading.Event()
     with tempfile.TemporaryDirectory(prefix="sweeper-gpu-") as tmp:
         folder = Path(tmp)
-        for path in workload.files:
-            shutil.copy(path, folder / path.name)
-        study_file = folder / "bench.toml"
-        study_file.write_text(
-            study_text(
-                workload,
-                trials_per_gpu * len(gpus),
-                0,
-                pruner_sections("none", 0),  # every trial in full: no pruner, no guard
-                'devices = "auto"\ntrials_per_device = 1',
-            )
+        study_file = write_study(
+            folder,
+            workload,
+            trials_per_gpu * len(gpus),
+            0,
+            pruner_sections("none", 0),  # every trial in full: no pruner, no guard
+            'devices = "auto"\ntrials_per_device = 1',
         )
         sampler = threading.Thread(target=sample, args=(samples, stop), daemon=True)
         sampler.start()

@@ -157,19 +157,27 @@ seed = {seed}
 """
 
 
-def study_text(workload: Workload, trials: int, seed: int, pruner: str, resources: str) -> str:
-    """The study file of a sweep of ``workload`` (study "bench"), with its ``[pruner]`` (and
-    ``[divergence]``) sections and the lines of its ``[resources]``."""
-    return STUDY.format(
-        metric=workload.metric,
-        trials=trials,
-        seed=seed,
-        task=workload.task,
-        trainer=workload.trainer,
-        search=workload.search,
-        pruner=pruner,
-        resources=resources,
+def write_study(
+    folder: Path, workload: Workload, trials: int, seed: int, pruner: str, resources: str
+) -> Path:
+    """``folder/bench.toml``, a sweep of ``workload`` (study "bench") with its ``[pruner]``
+    (and ``[divergence]``) sections and the lines of its ``[resources]``, its files beside it."""
+    for path in workload.files:
+        shutil.copy(path, folder / path.name)
+    study_file = folder / "bench.toml"
+    study_file.write_text(
+        STUDY.format(
+            metric=workload.metric,
+            trials=trials,
+            seed=seed,
+            task=workload.task,
+            trainer=workload.trainer,
+            search=workload.search,
+            pruner=pruner,
+            resources=resources,
+        )
     )
+    return study_file
 
 
 def pruner_sections(setting: str, steps: int) -> str:
@@ -214,17 +222,13 @@ def run(workload: Workload, setting: str, seed: int, trials: int, workers: int, 
     """One ``sweeper start`` in a temporary folder, removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="sweeper-pruning-") as tmp:
         folder = Path(tmp)
-        for path in workload.files:
-            shutil.copy(path, folder / path.name)
-        study_file = folder / "bench.toml"
-        study_file.write_text(
-            study_text(
-                workload,
-                trials,
-                seed,
-                pruner_sections(setting, steps),
-                f'devices = "cpu"\ncpu_workers = {workers}',
-            )
+        study_file = write_study(
+            folder,
+            workload,
+            trials,
+            seed,
+            pruner_sections(setting, steps),
+            f'devices = "cpu"\ncpu_workers = {workers}',
         )
         wall = start(study_file, setting)
         study = optuna.load_study(study_name="bench", storage=f"sqlite:///{folder}/bench.db")
