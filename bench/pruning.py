@@ -45,6 +45,7 @@ mean best within (or above) the seed spread of no pruning.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import signal
 import statistics
@@ -80,6 +81,25 @@ class Workload:
     files: tuple[Path, ...]
 
 
+TEXT = Workload(
+    "text-classification, MiniLM, 384 VADER rows, max_length 12, 2 epochs of 24 steps",
+    "val_f1",
+    """name = "text-classification"
+model = "pruning_tasks:text_model"
+train = "pruning_tasks:text_train"
+val = "pruning_tasks:text_val"
+max_length = 12""",
+    "max_epochs = 2\nval_check_interval = 0.25",
+    """learning_rate = { low = 3e-5, high = 1e-3, log = true }
+freeze_layers = { choices = [0, 2] }
+warmup_ratio = { low = 0.0, high = 0.2 }
+batch_size = 16""",
+    (
+        ROOT / "bench" / "pruning_tasks.py",
+        ROOT / "studies" / "vader_sentiment.py",
+    ),
+)
+
 WORKLOADS = {
     "digits": Workload(
         "digits MLP (studies/digits_task.py), 4 epochs of 22 steps",
@@ -93,23 +113,11 @@ optimizer = { choices = ["sgd", "adam"] }
 batch_size = 64""",
         (ROOT / "studies" / "digits_task.py",),
     ),
-    "text": Workload(
-        "text-classification, MiniLM, 384 VADER rows, max_length 12, 2 epochs of 24 steps",
-        "val_f1",
-        """name = "text-classification"
-model = "pruning_tasks:text_model"
-train = "pruning_tasks:text_train"
-val = "pruning_tasks:text_val"
-max_length = 12""",
-        "max_epochs = 2\nval_check_interval = 0.25",
-        """learning_rate = { low = 3e-5, high = 1e-3, log = true }
-freeze_layers = { choices = [0, 2] }
-warmup_ratio = { low = 0.0, high = 0.2 }
-batch_size = 16""",
-        (
-            ROOT / "bench" / "pruning_tasks.py",
-            ROOT / "studies" / "vader_sentiment.py",
-        ),
+    "text": TEXT,
+    "text-480": dataclasses.replace(
+        TEXT,
+        description="the text workload validated on 480 rows (160 a class): a less noisy F1",
+        task=TEXT.task.replace("pruning_tasks:text_val", "pruning_tasks:text_val_large"),
     ),
     "cnn": Workload(
         "CNN on noisy 8x8 digits (bench/pruning_tasks.py), warm-up + cosine, 3 epochs of 43 steps",

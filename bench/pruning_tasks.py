@@ -33,6 +33,7 @@ NOISE = 0.5
 """Standard deviation of the pixel noise; pixels are scaled to [0, 1]."""
 TEXT_TRAIN_PER_CLASS = 128
 TEXT_VAL_PER_CLASS = 48
+TEXT_VAL_LARGE_PER_CLASS = 160
 
 _digits = load_digits()
 X_TRAIN, X_VAL, Y_TRAIN, Y_VAL = train_test_split(
@@ -138,3 +139,10 @@ def text_val() -> list[dict[str, str]]:
     import vader_sentiment
 
     return _balanced(vader_sentiment.val(), TEXT_VAL_PER_CLASS)
+
+
+def text_val_large() -> list[dict[str, str]]:
+    """160 rows of each class from the quickstart's val split: a less noisy metric."""
+    import vader_sentiment
+
+    return _balanced(vader_sentiment.val(), TEXT_VAL_LARGE_PER_CLASS)
