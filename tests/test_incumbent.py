@@ -14,9 +14,12 @@ from sweeper.store import report
 from tests.conftest import FIXTURES, StudyDir, one_line_error, run_sweeper, study
 
 
-def on_sqlite(tmp_path: Path, pruner: IncumbentPruner, direction: str = "maximize"):
+def on_sqlite(tmp_path: Path, pruner: IncumbentPruner, *directions: str):
+    """A study in a SQLite file judged by ``pruner``; it maximizes unless told otherwise."""
     return optuna.create_study(
-        storage=f"sqlite:///{tmp_path / 'study.db'}", direction=direction, pruner=pruner
+        storage=f"sqlite:///{tmp_path / 'study.db'}",
+        directions=list(directions) or ["maximize"],
+        pruner=pruner,
     )
 
 
@@ -68,7 +71,7 @@ def test_a_margin_from_the_incumbents_own_noise(tmp_path: Path) -> None:
 
 
 def test_the_noise_of_a_study_that_minimizes_and_after_the_warm_up(tmp_path: Path) -> None:
-    study = on_sqlite(tmp_path, IncumbentPruner(n_warmup_steps=20), direction="minimize")
+    study = on_sqlite(tmp_path, IncumbentPruner(n_warmup_steps=20), "minimize")
     finished(study, {10: 0.5, 20: 0.9, 30: 0.4, 40: 0.46, 50: 0.3})  # rose by 0.4 in warm-up
     assert judged(study, {20: 0.8, 30: 0.45}) == [False, False]  # within 0.06 of 0.4
     assert judged(study, {20: 0.8, 30: 0.47}) == [False, True]
@@ -76,7 +79,7 @@ def test_the_noise_of_a_study_that_minimizes_and_after_the_warm_up(tmp_path: Pat
 
 def test_a_study_that_minimizes_and_a_warm_up(tmp_path: Path) -> None:
     pruner = IncumbentPruner(margin=0.0, n_warmup_steps=15)
-    study = on_sqlite(tmp_path, pruner, direction="minimize")
+    study = on_sqlite(tmp_path, pruner, "minimize")
     finished(study, {10: 1.0, 20: 0.5})
     assert judged(study, {10: 2.0, 20: 0.4}) == [False, False]  # judged from step 15 on
     assert judged(study, {10: 0.1, 20: 0.6}) == [False, True]
@@ -123,11 +126,7 @@ def test_a_bad_option_is_named(study_dir: StudyDir) -> None:
 
 
 def test_a_study_of_two_metrics_is_judged_by_the_first(tmp_path: Path) -> None:
-    study = optuna.create_study(
-        storage=f"sqlite:///{tmp_path / 'study.db'}",
-        directions=["maximize", "minimize"],
-        pruner=IncumbentPruner(margin=0.0),
-    )
+    study = on_sqlite(tmp_path, IncumbentPruner(margin=0.0), "maximize", "minimize")
     for first, second in ((0.7, 1.0), (0.9, 5.0)):  # the best first metric is 0.9
         trial = study.ask()
         assert not report(study, trial, first, 10)
