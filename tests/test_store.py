@@ -508,3 +508,54 @@ def test_an_outcome_optuna_refuses_keeps_what_the_trial_reported(study_dir: Stud
     failed = created.get_trials()[trial.number]
     assert failed.state == TrialState.FAIL
     assert failed.user_attrs["seed"] == 3 and failed.user_attrs["fit_seconds"] == 1.5
+
+
+@contextlib.contextmanager
+def statements(created: optuna.Study) -> Iterator[list[str]]:
+    """The SQL statements the study's storage sends inside, one line each."""
+    import sqlalchemy as sa
+
+    from sweeper.store._compat import backend
+
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    engine = backend(created).engine
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+
+
+def test_a_claim_reads_the_trials_once_and_writes_twice(study_dir: StudyDir) -> None:
+    """Under the claim lock every statement makes the next claim wait: the trials are read
+    once (not again for Optuna's queue, its sampler, or the trial it has just made), and
+    the claim writes the new trial, then its params and owner record."""
+    config = make(study_dir, study={"n_trials": 10}, sampler={"name": "tpe"})
+    created = create_or_resume(config)
+    for _ in range(3):
+        created.tell(take(created, config), 0.5)
+    running = take(created, config)
+    with statements(created) as sent:
+        trial = take(created, config)
+    assert trial is not None and running is not None
+    trial_reads = [s for s in sent if s.startswith("SELECT trials.trial_id, trials.number")]
+    assert len(trial_reads) == 1, "\n".join(trial_reads)
+    writes = [s for s in sent if s.startswith("BEGIN IMMEDIATE")]
+    assert len(writes) == 2, "\n".join(sent)
+    assert trial.params.keys() == {"lr", "hidden"}
+
+
+def test_a_claimed_trial_is_what_another_process_reads(study_dir: StudyDir) -> None:
+    config = make(study_dir, study={"n_trials": 10})
+    created = create_or_resume(config)
+    claimed = [take(created, config) for _ in range(3)]
+    other = optuna.load_study(study_name=config.study.name, storage=config.storage_url)
+    for trial, stored in zip(claimed, other.get_trials(), strict=True):
+        assert trial is not None
+        assert (trial.number, trial.datetime_start) == (stored.number, stored.datetime_start)
+        assert stored.state == TrialState.RUNNING and stored.params == trial.params
+    assert [t.number for t in claimed] == [0, 1, 2]

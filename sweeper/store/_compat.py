@@ -13,6 +13,8 @@ message instead of deep inside a sweep.
 from __future__ import annotations
 
 import contextlib
+import copy
+import datetime as dt
 import inspect
 import json
 import logging
@@ -48,6 +50,7 @@ __all__ = [
     "storage_of",
     "study_id",
     "trial_id",
+    "trials_as_read",
     "write_user_attrs",
 ]
 
@@ -168,15 +171,25 @@ def write_user_attrs(
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
+    trials = models.TrialModel.__table__
+    beats = models.TrialHeartbeatModel.__table__
     with _create_scoped_session(storage.scoped_session) as session:
-        stored = models.TrialModel.find_or_raise_by_id(found, session)
-        state: Any = stored.state  # a TrialState, read through an ORM column
-        storage.check_trial_is_updatable(found, state)
+        state = session.execute(
+            sa.select(trials.c.state).where(trials.c.trial_id == found)
+        ).scalar_one_or_none()
+        if state is None:
+            raise KeyError(models.NOT_FOUND_MSG)
+        storage.check_trial_is_updatable(found, TrialState(state))
         if getattr(storage, "held", None):
             _write_held(storage, session, checked=found)
         _upsert_user_attrs(session, found, attrs)
-        if first_beat and models.TrialHeartbeatModel.where_trial_id(found, session) is None:
-            session.add(models.TrialHeartbeatModel(trial_id=found))
+        if (
+            first_beat
+            and not session.execute(
+                sa.select(beats.c.trial_heartbeat_id).where(beats.c.trial_id == found)
+            ).first()
+        ):
+            session.execute(sa.insert(beats).values(trial_id=found))  # the column's default: now
     trial._cached_frozen_trial.user_attrs.update(attrs)
 
 
@@ -212,6 +225,27 @@ def _upsert_user_attrs(session: Any, found: int, attrs: dict[str, Any]) -> None:
         )
     if added:
         session.execute(sa.insert(table), added)
+
+
+@contextlib.contextmanager
+def trials_as_read(study: optuna.Study) -> Iterator[None]:
+    """Inside, Optuna's reads of the study's trials are served from its cache as last read,
+    not refreshed: a claim reads the trials first, under the claim lock, and Optuna asking
+    for a trial would read them again (for its queue of waiting trials, then for the
+    sampler), each time with every RUNNING trial.
+
+    Only Optuna's cache reads through here: a waiting trial it pops is still taken by a
+    write that checks its state, and the trial it creates is read from the storage.
+    """
+    storage = backend(study)
+    if not hasattr(storage, "settled") or storage.settled:
+        yield
+        return
+    storage.settled = True
+    try:
+        yield
+    finally:
+        storage.settled = False
 
 
 @contextlib.contextmanager
@@ -257,6 +291,45 @@ def rdb_storage_reading(
     class Storage(RDBStorage):
         held: list[HeldParam] | None = None
         ending: tuple[int, dict[str, Any]] | None = None
+        settled = False
+        created: FrozenTrial | None = None
+
+        def _create_new_trial(
+            self, study_id: int, template_trial: FrozenTrial | None = None
+        ) -> FrozenTrial:
+            frozen = super()._create_new_trial(study_id, template_trial)
+            # Optuna reads the trial it has just created at once, to make its Trial
+            # object: the next read of one trial, if it is that one, is served from here.
+            self.created = frozen if template_trial is None else None
+            return frozen
+
+        def _get_prepared_new_trial(
+            self, study_id: int, template_trial: FrozenTrial | None, session: Any
+        ) -> Any:
+            if template_trial is not None:
+                return super()._get_prepared_new_trial(study_id, template_trial, session)
+            # Optuna's own steps (insert, count the study's earlier trials, number it) as
+            # three statements, not through the ORM's unit of work.
+            table = models.TrialModel.__table__
+            start = dt.datetime.now(dt.UTC).replace(tzinfo=None)  # stored as naive UTC
+            found = session.execute(
+                sa.insert(table).values(
+                    number=None, study_id=study_id, state=TrialState.RUNNING, datetime_start=start
+                )
+            ).inserted_primary_key[0]
+            number = session.execute(
+                sa.select(sa.func.count(table.c.trial_id)).where(
+                    table.c.study_id == study_id, table.c.trial_id < found
+                )
+            ).scalar_one()
+            session.execute(
+                sa.update(table).where(table.c.trial_id == found).values(number=number)
+            )
+            trial = models.TrialModel(  # not added to the session: only read from
+                trial_id=found, number=number, study_id=study_id, state=TrialState.RUNNING
+            )
+            trial.datetime_start = start.replace(tzinfo=dt.UTC)
+            return trial
 
         def set_trial_state_values(
             self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
@@ -284,6 +357,9 @@ def rdb_storage_reading(
             return ended
 
         def get_trial(self, trial_id: int) -> FrozenTrial:
+            created, self.created = self.created, None
+            if created is not None and created._trial_id == trial_id:
+                return copy.deepcopy(created)
             return read_one(self, trial_id)
 
         def _set_trial_param(
@@ -318,6 +394,8 @@ def rdb_storage_reading(
             included_trial_ids: set[int],
             trial_id_greater_than: int,
         ) -> list[FrozenTrial]:
+            if self.settled:  # nothing new: the cache keeps what it holds
+                return []
             return read(self, study_id, states, included_trial_ids, trial_id_greater_than)
 
     return Storage
@@ -393,7 +471,12 @@ def _check() -> None:
     ):
         if not callable(getattr(model, name, None)):
             problems.append(f"{model.__name__}.{name} is gone")
-    for name in ("_set_trial_param", "_set_trial_param_without_commit"):
+    for name in (
+        "_set_trial_param",
+        "_set_trial_param_without_commit",
+        "_create_new_trial",
+        "_get_prepared_new_trial",
+    ):
         if not callable(getattr(optuna.storages.RDBStorage, name, None)):
             problems.append(f"RDBStorage.{name} is gone")
     if not callable(getattr(optuna.storages.RDBStorage, "_get_stale_trial_ids", None)):

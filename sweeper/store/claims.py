@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from sweeper.config import StudyConfig
 from sweeper.errors import StorageError, SweeperError
 from sweeper.space import ask, parse_space
-from sweeper.store._compat import params_held, write_user_attrs
+from sweeper.store._compat import params_held, trials_as_read, write_user_attrs
 from sweeper.store.open import (
     HEARTBEAT_INTERVAL,
     check_sqlite_path,
@@ -361,7 +361,8 @@ def claim(
             with warnings.catch_warnings():
                 # Heartbeats are recorded by the worker, which Optuna cannot see from here.
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                trial = ask(study, space)  # parents first where the space has conditions
+                with trials_as_read(study):  # read above: no other claim came in since
+                    trial = ask(study, space)  # parents first where the space has conditions
         except Exception as exc:
             reason = f"error: the sampler failed: {type(exc).__name__}: {exc}"
             fail_orphans(study, owner.host, ownerless_reason=reason)
