@@ -271,6 +271,29 @@ def test_claims_on_mariadb_never_overshoot(tmp_path: Path, mariadb: str) -> None
     race_for_places(tmp_path, mariadb)
 
 
+def test_a_claimer_keeps_its_server_sessions_between_claims(tmp_path: Path, database: str) -> None:
+    """A session costs the server a process: twenty claims and tells open a few, not one (for
+    the claim lock) per claim."""
+    import sqlalchemy as sa
+
+    path = machine(tmp_path, "machine-a", database, 20)
+    created = run_sweeper("start", str(path), "--n-trials", "1")
+    assert created.returncode == 0, created.stdout + created.stderr
+    opened: list[object] = []
+
+    def count(*_: object) -> None:
+        opened.append(None)
+
+    sa.event.listen(sa.pool.Pool, "connect", count)
+    try:
+        claim_until_full(str(path))
+    finally:
+        sa.event.remove(sa.pool.Pool, "connect", count)
+    trials = optuna.load_study(study_name="tiny", storage=database).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 20
+    assert len(opened) <= 4, f"{len(opened)} sessions opened for 20 claims"
+
+
 def race_for_places(tmp_path: Path, database: str) -> None:
     """Eight processes claim as fast as they can the places of a 60-trial study."""
     import multiprocessing
