@@ -1,14 +1,17 @@
 """Storage at scale: sweeper's claim and tell against plain Optuna, on SQLite and PostgreSQL.
 
     python bench/scale.py [--storages sqlite postgres] [--processes 8 32 64] [--seconds 20]
-                          [--sizes 10000 100000] [--no-optuna] [--reads-only]
+                          [--paths sweeper sweeper-inline optuna] [--sizes 10000 100000]
+                          [--no-optuna] [--reads-only]
     python bench/scale.py --quick    # 8 and 32 processes for 6 s, 10,000 trials: about a minute
     python bench/scale.py --storages sqlite --reads-only    # the read table alone
 
 Each claimer does what sweeper's worker does: it claims under the study's
 claim lock (owner record, first heartbeat), forks a process for the trial,
 which sends a trivial outcome back (no torch: the point is the storage), and
-tells it. A dashboard-like reader polls the study
+tells it. The ``sweeper-inline`` rows make the same claims and tells with the
+outcome made in the claimer itself: the storage's share, without the process
+a real trial runs in. A dashboard-like reader polls the study
 throughout. Plain Optuna workers run ``study.optimize`` on a study of the same
 storage kind for comparison. Both use the random sampler, so the sampler's own
 cost stays out of the figures. PostgreSQL is the server on loopback
@@ -46,6 +49,7 @@ from typing import Any
 
 import optuna
 import tomlkit
+from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -199,17 +203,20 @@ def room_on_server() -> int:
 
 def one_trial(study: optuna.Study, channel: int) -> None:
     """In a forked process: run a trivial trial and send its outcome, as a trial process does."""
-    from optuna.trial import TrialState
-
     store.forget_connections(study)
+    send_trivial(channel)
+
+
+def send_trivial(channel: int) -> None:
+    """Send a trivial trial's outcome, as a trial process does at its end."""
     send_outcome(channel, TrialState.COMPLETE, [random.random()], {"stop_reason": "completed"})
 
 
 def sweeper_claimer(
-    path: str, seconds: float, barrier: Any, results: Any
+    path: str, seconds: float, barrier: Any, results: Any, fork: bool = True
 ) -> None:  # pragma: no cover - runs in a child
-    """A worker: claim under the study's claim lock, fork a process per trial, tell what it
-    sent, until the time is up."""
+    """A worker: claim under the study's claim lock, fork a process per trial (or, without
+    ``fork``, make its outcome here), tell what it sent, until the time is up."""
 
     config = load_config(path)
     study = store.load(config)
@@ -230,8 +237,10 @@ def sweeper_claimer(
             continue
         latencies.append(time.perf_counter() - began)
         read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
+        pid = os.fork() if fork else -1
+        if pid == -1:  # the trial's outcome made here, sent through the same pipe
+            send_trivial(write_end)
+        elif pid == 0:
             os.close(read_end)
             try:
                 one_trial(study, write_end)
@@ -242,7 +251,7 @@ def sweeper_claimer(
         while chunk := os.read(read_end, 4096):
             chunks.append(chunk)
         os.close(read_end)
-        _, status = os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0) if fork else (pid, 0)
         try:
             told = store.tell(study, trial, *outcome(b"".join(chunks)))
         except Exception as exc:  # counted as an error of this row
@@ -300,6 +309,9 @@ def reader(path: str, seconds: float, barrier: Any, results: Any) -> None:  # pr
     results.put((polls, failures, worst))
 
 
+PATHS = ("sweeper", "sweeper-inline", "optuna")
+
+
 def throughput(kind: str, path_kind: str, processes: int, seconds: float, folder: Path) -> Row:
     """One row: ``processes`` claimers (sweeper's or Optuna's) and a reader on a fresh storage."""
     row = Row(kind, path_kind, processes, seconds)
@@ -312,12 +324,14 @@ def throughput(kind: str, path_kind: str, processes: int, seconds: float, folder
         barrier = context.Barrier(processes + 2)
         results = context.Queue()
         reads = context.Queue()
-        target = sweeper_claimer if path_kind == "sweeper" else optuna_worker
-        argument = str(config_path) if path_kind == "sweeper" else url
-        workers = [
-            context.Process(target=target, args=(argument, seconds, barrier, results))
-            for _ in range(processes)
-        ]
+        if path_kind == "optuna":
+            target: Any = optuna_worker
+            arguments: tuple[Any, ...] = (url, seconds, barrier, results)
+        else:
+            target = sweeper_claimer
+            fork = path_kind == "sweeper"
+            arguments = (str(config_path), seconds, barrier, results, fork)
+        workers = [context.Process(target=target, args=arguments) for _ in range(processes)]
         workers.append(
             context.Process(target=reader, args=(str(config_path), seconds, barrier, reads))
         )
@@ -516,6 +530,14 @@ def main() -> int:
     parser.add_argument("--processes", nargs="+", type=int, default=[8, 32, 64])
     parser.add_argument("--seconds", type=float, default=20.0, help="per row")
     parser.add_argument("--sizes", nargs="*", type=int, default=[10_000, 100_000])
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=PATHS,
+        default=list(PATHS),
+        help="sweeper: a trial process per trial, as a worker; sweeper-inline: the same "
+        "claims and tells without it; optuna: study.optimize",
+    )
     parser.add_argument("--no-optuna", action="store_true", help="skip plain Optuna's rows")
     parser.add_argument("--quick", action="store_true", help="8 and 32 processes, 6 s, 10,000")
     parser.add_argument("--reads-only", action="store_true", help="only the read table")
@@ -524,7 +546,7 @@ def main() -> int:
         args.processes, args.seconds, args.sizes = [8, 32], 6.0, [10_000]
     if args.reads_only:
         args.processes = []
-    paths = ["sweeper"] + ([] if args.no_optuna else ["optuna"])
+    paths = [path for path in args.paths if not (args.no_optuna and path == "optuna")]
     began = time.monotonic()
     rows: list[Row] = []
     reads: list[ReadRow] = []
