@@ -228,7 +228,7 @@ def sweeper_claimer(
     while time.monotonic() < end:
         began = time.perf_counter()
         try:
-            with store.claim_lock(config):
+            with store.claim_lock(config, keep_session=True):
                 trial = store.claim(study, config, store.Owner.me(), {"slot": 0, "device": "cpu"})
         except Exception as exc:  # counted as an error of this row
             errors.append(f"error: {type(exc).__name__}: {str(exc).strip()[:200]}")

@@ -256,7 +256,7 @@ def claim_until_full(path: str) -> None:
     config = parse_config(tomllib.loads(Path(path).read_text()), Path(path))
     study = load(config)
     while True:
-        with claim_lock(config):
+        with claim_lock(config, keep_session=True):
             trial = claim(study, config, Owner.me(), {})
         if trial is None:
             return
@@ -272,9 +272,13 @@ def test_claims_on_mariadb_never_overshoot(tmp_path: Path, mariadb: str) -> None
 
 
 def test_a_claimer_keeps_its_server_sessions_between_claims(tmp_path: Path, database: str) -> None:
-    """A session costs the server a process: twenty claims and tells open a few, not one (for
-    the claim lock) per claim."""
+    """A session costs the server a process: a worker's twenty claims and tells open a few,
+    not one (for the claim lock) per claim; a process that claims once closes the lock's."""
+    import psycopg
     import sqlalchemy as sa
+
+    from sweeper.config import load_config
+    from sweeper.store import claim_lock
 
     path = machine(tmp_path, "machine-a", database, 20)
     created = run_sweeper("start", str(path), "--n-trials", "1")
@@ -292,6 +296,23 @@ def test_a_claimer_keeps_its_server_sessions_between_claims(tmp_path: Path, data
     trials = optuna.load_study(study_name="tiny", storage=database).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 20
     assert len(opened) <= 4, f"{len(opened)} sessions opened for 20 claims"
+
+    name = database.rsplit("/", 1)[1]
+    with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
+
+        def sessions() -> int:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+            row = admin.execute(query, (name,)).fetchone()
+            return int(row[0]) if row else 0
+
+        config = load_config(path)
+        before = sessions()
+        with claim_lock(config):
+            assert sessions() == before + 1, "the lock is held by a session of its own"
+        assert sessions() == before, "a lock taken once lets its session go"
+        with claim_lock(config, keep_session=True):
+            assert sessions() == before, "the worker's claims above left their session for it"
+        assert sessions() == before
 
 
 def race_for_places(tmp_path: Path, database: str) -> None:

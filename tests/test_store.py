@@ -549,12 +549,25 @@ def test_a_claim_reads_the_trials_once_and_writes_twice(study_dir: StudyDir) -> 
     assert trial.params.keys() == {"lr", "hidden"}
 
 
-def test_a_claimed_trial_is_what_another_process_reads(study_dir: StudyDir) -> None:
+def test_a_claimed_trial_is_what_another_process_reads(
+    study_dir: StudyDir, monkeypatch: Any
+) -> None:
+    """The trial a claim hands back is not read back from the storage: its number and start
+    time are what a reader finds there (in a time zone other than UTC, which is stored)."""
+    import time
+
     config = make(study_dir, study={"n_trials": 10})
     created = create_or_resume(config)
-    claimed = [take(created, config) for _ in range(3)]
-    other = optuna.load_study(study_name=config.study.name, storage=config.storage_url)
-    for trial, stored in zip(claimed, other.get_trials(), strict=True):
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        claimed = [take(created, config) for _ in range(3)]
+        other = optuna.load_study(study_name=config.study.name, storage=config.storage_url)
+        stored_trials = other.get_trials()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    for trial, stored in zip(claimed, stored_trials, strict=True):
         assert trial is not None
         assert (trial.number, trial.datetime_start) == (stored.number, stored.datetime_start)
         assert stored.state == TrialState.RUNNING and stored.params == trial.params

@@ -53,12 +53,18 @@ CONFIDENT_ERRORS = 20
 
 
 def claim_next(
-    config: StudyConfig, slot: Slot, study: optuna.Study, owner: Owner, since: int | None
+    config: StudyConfig,
+    slot: Slot,
+    study: optuna.Study,
+    owner: Owner,
+    since: int | None,
+    again: bool = False,
 ) -> optuna.Trial | int:
     """Claim the next trial for ``owner`` under the study's claim lock: the trial, or the exit
-    code that says why there is none (its message printed)."""
+    code that says why there is none (its message printed). ``again``: this process claims
+    trial after trial (a worker), so the lock's server session is kept between claims."""
     try:
-        with claim_lock(config):
+        with claim_lock(config, keep_session=again):
             attrs = {"slot": slot.index, "device": slot.device}
             trial = claim(study, config, owner, attrs, since)
     except SamplerFailed as exc:

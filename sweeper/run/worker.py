@@ -133,7 +133,8 @@ class Worker:
 
         trial = None
         if self.claims:
-            claimed = claim_next(self.config, self.slot, self.study, Owner.me(), self.since)
+            owner = Owner.me()
+            claimed = claim_next(self.config, self.slot, self.study, owner, self.since, again=True)
             if isinstance(claimed, int):
                 return self._unclaimed(claimed)
             trial = claimed

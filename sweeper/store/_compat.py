@@ -312,6 +312,8 @@ def rdb_storage_reading(
             # three statements, not through the ORM's unit of work.
             table = models.TrialModel.__table__
             start = dt.datetime.now(dt.UTC).replace(tzinfo=None)  # stored as naive UTC
+            if session.get_bind().dialect.name in ("mysql", "mariadb"):  # whole seconds
+                start = start.replace(microsecond=0)
             found = session.execute(
                 sa.insert(table).values(
                     number=None, study_id=study_id, state=TrialState.RUNNING, datetime_start=start

@@ -146,13 +146,16 @@ def process_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def claim_lock(config: StudyConfig) -> Iterator[None]:
+def claim_lock(config: StudyConfig, keep_session: bool = False) -> Iterator[None]:
     """Serialize claiming and failing trials among every process of one study.
 
     SQLite: a file lock beside the database (one machine). PostgreSQL and
     MySQL/MariaDB: a lock held by a database session, so workers on every
     machine that joins the study take turns; the server drops it if the
-    holder dies. A claim waits at most ``LOCK_WAIT`` seconds.
+    holder dies. With ``keep_session`` (a worker, claiming trial after trial)
+    that session is kept for this process's next claim: opening one costs the
+    server a process and the claim milliseconds; otherwise it is closed. A
+    claim waits at most ``LOCK_WAIT`` seconds.
     """
     url = config.storage_url
     path = sqlite_path(url)
@@ -182,7 +185,7 @@ def claim_lock(config: StudyConfig) -> Iterator[None]:
         finally:
             os.close(fd)
     elif is_server(url):
-        with _server_lock(url, config.study.name):
+        with _server_lock(url, config.study.name, keep_session):
             yield
     else:
         yield
@@ -224,7 +227,7 @@ def _flock_within(fd: int, wait: float) -> bool:
 
 
 @contextlib.contextmanager
-def _server_lock(url: str, name: str) -> Iterator[None]:
+def _server_lock(url: str, name: str, keep_session: bool) -> Iterator[None]:
     """A lock held by a database session: PostgreSQL advisory lock, MySQL/MariaDB GET_LOCK."""
     digest = hashlib.sha256(f"sweeper:{name}".encode()).digest()
     mysql = url.startswith(("mysql", "mariadb"))
@@ -239,7 +242,7 @@ def _server_lock(url: str, name: str) -> Iterator[None]:
         unlock = "SELECT pg_advisory_unlock(:key)"
         key = int.from_bytes(digest[:8], signed=True)
     try:
-        connection = _lock_engine(url).connect()
+        connection = _lock_engine(url, keep_session).connect()
     except sa.exc.SQLAlchemyError as exc:
         raise StorageError(
             f"cannot reach the study storage {mask_url(url)}: {first_line(exc)}"
@@ -264,22 +267,27 @@ def _server_lock(url: str, name: str) -> Iterator[None]:
             yield
         finally:
             try:
-                connection.execute(sa.text(unlock), {"key": key})
-            except sa.exc.SQLAlchemyError:  # its session, closed, drops the lock
-                connection.invalidate()
+                let_go = connection.execute(sa.text(unlock), {"key": key}).scalar()
+            except sa.exc.SQLAlchemyError:
+                let_go = False
+            if not let_go:  # a session still holding the lock must not be kept: closed, it
+                connection.invalidate()  # drops the lock
 
 
-_ENGINES: dict[tuple[int, str], Any] = {}
+_ENGINES: dict[tuple[int, str, bool], Any] = {}
 
 
-def _lock_engine(url: str) -> Any:
-    """One engine per process and URL (a forked trial makes its own connections), which keeps
-    its session between claims: opening one costs the server a process, and the claimer
-    milliseconds, in every claim."""
-    found = _ENGINES.get((os.getpid(), url))
+def _lock_engine(url: str, keep_session: bool) -> Any:
+    """One engine per process, URL and way (a forked trial makes its own connections): one that
+    keeps its session between claims, or one that closes it."""
+    key = (os.getpid(), url, keep_session)
+    found = _ENGINES.get(key)
     if found is None:
-        found = _ENGINES[(os.getpid(), url)] = sa.create_engine(
-            url, pool_size=1, isolation_level="AUTOCOMMIT", pool_pre_ping=True
+        pool: dict[str, Any] = (
+            {"pool_size": 1} if keep_session else {"poolclass": sa.pool.NullPool}
+        )
+        found = _ENGINES[key] = sa.create_engine(
+            url, isolation_level="AUTOCOMMIT", pool_pre_ping=True, **pool
         )
     return found
 
