@@ -41,27 +41,34 @@ def take(created: optuna.Study, config, owner: Owner | None = None):
 
 
 @contextlib.contextmanager
+def listening(created: optuna.Study, event: str, listener: Any) -> Iterator[None]:
+    """``listener`` hears the study's storage engine's ``event`` inside."""
+    import sqlalchemy as sa
+
+    from sweeper.store._compat import backend
+
+    engine = backend(created).engine
+    sa.event.listen(engine, event, listener)
+    try:
+        yield
+    finally:
+        sa.event.remove(engine, event, listener)
+
+
+@contextlib.contextmanager
 def seen_before_each_commit(
     created: optuna.Study, study_dir: StudyDir, query: str
 ) -> Iterator[list[tuple[Any, ...]]]:
     """What another process reads with ``query`` just before each of the study's commits: the
     writes committed until then."""
-    import sqlalchemy as sa
-
-    from sweeper.store._compat import backend
-
     seen: list[tuple[Any, ...]] = []
 
     def look(*_: object) -> None:
         with sqlite3.connect(study_dir.db) as other:
             seen.append(other.execute(query).fetchone())
 
-    engine = backend(created).engine
-    sa.event.listen(engine, "commit", look)
-    try:
+    with listening(created, "commit", look):
         yield seen
-    finally:
-        sa.event.remove(engine, "commit", look)
 
 
 def test_claim_stops_at_n_trials_counting_running_ones(study_dir: StudyDir) -> None:
@@ -513,21 +520,13 @@ def test_an_outcome_optuna_refuses_keeps_what_the_trial_reported(study_dir: Stud
 @contextlib.contextmanager
 def statements(created: optuna.Study) -> Iterator[list[str]]:
     """The SQL statements the study's storage sends inside, one line each."""
-    import sqlalchemy as sa
-
-    from sweeper.store._compat import backend
-
     sent: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         sent.append(" ".join(statement.split()))
 
-    engine = backend(created).engine
-    sa.event.listen(engine, "before_cursor_execute", record)
-    try:
+    with listening(created, "before_cursor_execute", record):
         yield sent
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", record)
 
 
 def test_a_claim_reads_the_trials_once_and_writes_twice(study_dir: StudyDir) -> None:
