@@ -235,7 +235,7 @@ def trials_as_read(study: optuna.Study) -> Iterator[None]:
     sampler), each time with every RUNNING trial.
 
     Only Optuna's cache reads through here: a waiting trial it pops is still taken by a
-    write that checks its state, and the trial it creates is read from the storage.
+    write that checks its state.
     """
     storage = backend(study)
     if not hasattr(storage, "settled") or storage.settled:
