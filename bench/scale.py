@@ -237,8 +237,8 @@ def sweeper_claimer(
             continue
         latencies.append(time.perf_counter() - began)
         read_end, write_end = os.pipe()
-        pid = os.fork() if fork else -1
-        if pid == -1:  # the trial's outcome made here, sent through the same pipe
+        pid = os.fork() if fork else None
+        if pid is None:  # the trial's outcome made here, sent through the same pipe
             send_trivial(write_end)
         elif pid == 0:
             os.close(read_end)
@@ -251,7 +251,7 @@ def sweeper_claimer(
         while chunk := os.read(read_end, 4096):
             chunks.append(chunk)
         os.close(read_end)
-        _, status = os.waitpid(pid, 0) if fork else (pid, 0)
+        status = 0 if pid is None else os.waitpid(pid, 0)[1]
         try:
             told = store.tell(study, trial, *outcome(b"".join(chunks)))
         except Exception as exc:  # counted as an error of this row
