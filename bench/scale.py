@@ -2,7 +2,7 @@
 
     python bench/scale.py [--storages sqlite postgres] [--processes 8 32 64] [--seconds 20]
                           [--paths sweeper sweeper-inline optuna] [--sizes 10000 100000]
-                          [--no-optuna] [--reads-only]
+                          [--reads-only]
     python bench/scale.py --quick    # 8 and 32 processes for 6 s, 10,000 trials: about a minute
     python bench/scale.py --storages sqlite --reads-only    # the read table alone
 
@@ -538,7 +538,6 @@ def main() -> int:
         help="sweeper: a trial process per trial, as a worker; sweeper-inline: the same "
         "claims and tells without it; optuna: study.optimize",
     )
-    parser.add_argument("--no-optuna", action="store_true", help="skip plain Optuna's rows")
     parser.add_argument("--quick", action="store_true", help="8 and 32 processes, 6 s, 10,000")
     parser.add_argument("--reads-only", action="store_true", help="only the read table")
     args = parser.parse_args()
@@ -546,7 +545,6 @@ def main() -> int:
         args.processes, args.seconds, args.sizes = [8, 32], 6.0, [10_000]
     if args.reads_only:
         args.processes = []
-    paths = [path for path in args.paths if not (args.no_optuna and path == "optuna")]
     began = time.monotonic()
     rows: list[Row] = []
     reads: list[ReadRow] = []
@@ -563,7 +561,7 @@ def main() -> int:
                         flush=True,
                     )
                     continue
-                for path_kind in paths:
+                for path_kind in args.paths:
                     row = throughput(kind, path_kind, processes, args.seconds, folder)
                     rows.append(row)
                     print(" | ".join(row.cells()), row.first_error, file=sys.stderr, flush=True)
