@@ -309,7 +309,8 @@ def test_a_claimer_keeps_its_server_sessions_between_claims(tmp_path: Path, data
         before = sessions()
         with claim_lock(config):
             assert sessions() == before + 1, "the lock is held by a session of its own"
-        assert sessions() == before, "a lock taken once lets its session go"
+        # the server's process for a closed session ends a moment after the client closes it
+        wait_for(lambda: sessions() == before, 10, "a lock taken once letting its session go")
         with claim_lock(config, keep_session=True):
             assert sessions() == before, "the worker's claims above left their session for it"
         assert sessions() == before
