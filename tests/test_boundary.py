@@ -96,37 +96,3 @@ print(heavy)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
-
-
-def test_a_read_command_names_optunas_newest_schema_once(tmp_path: Path) -> None:
-    """Optuna loads every migration script it ships to name its newest schema: `status`
-    checked it four or five times, a sixth of its second (a fresh Python, as a user runs it)."""
-    import subprocess
-    import sys
-
-    from sweeper.config import load_config
-    from sweeper.store import create_or_resume
-    from tests.conftest import study, toml_text
-
-    path = tmp_path / "study.toml"
-    path.write_text(toml_text(study()))
-    create_or_resume(load_config(path))
-    script = f"""
-import optuna
-from typer.testing import CliRunner
-from sweeper.cli import app
-calls = []
-named = optuna.storages.RDBStorage.get_head_version
-def counted(self):
-    calls.append(None)
-    return named(self)
-optuna.storages.RDBStorage.get_head_version = counted
-result = CliRunner().invoke(app, ["status", {str(path)!r}])
-assert result.exit_code == 0, result.output
-print(len(calls))
-"""
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "1"

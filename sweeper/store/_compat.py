@@ -18,7 +18,9 @@ import datetime as dt
 import inspect
 import json
 import logging
+import re
 from collections.abc import Callable, Container, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -30,7 +32,8 @@ from optuna.distributions import (
 )
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._rdb import models
-from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.storages._rdb.storage import _create_scoped_session, _VersionManager
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.errors import SweeperError
@@ -273,6 +276,33 @@ _HEAD_VERSION: dict[str, str] = {}
 """The newest schema revision of the installed Optuna, once read."""
 
 
+def newest_schema_revision() -> str | None:
+    """The newest revision of Optuna's schema, read from the headers of the migration scripts
+    it ships; None unless they form one chain (then alembic decides).
+
+    Alembic, to name it, imports itself and runs every script: a third of a read command.
+    """
+    versions = Path(models.__file__).parent / "alembic" / "versions"
+    revisions: dict[str, str | None] = {}
+    for script in versions.glob("*.py"):
+        text = script.read_text(encoding="utf-8")
+        revision = re.search(r"^revision(?:: *str)? *= *[\"']([^\"']+)[\"'] *$", text, re.M)
+        down = re.search(
+            r"^down_revision(?:: *[^=]+)? *= *(?:None|[\"']([^\"']+)[\"']) *$", text, re.M
+        )
+        if revision is None or down is None:
+            return None
+        revisions[revision[1]] = down[1]
+    heads = set(revisions) - set(revisions.values())
+    if len(heads) != 1:
+        return None
+    head = heads.pop()
+    chain: list[str | None] = [head]  # from the newest down to the first, whose parent is None
+    while chain[-1] in revisions and len(chain) <= len(revisions):
+        chain.append(revisions[chain[-1]])
+    return head if chain[-1] is None and len(chain) == len(revisions) + 1 else None
+
+
 TrialReader = Callable[
     [RDBStorage, int, Container[TrialState] | None, set[int], int], list[FrozenTrial]
 ]
@@ -284,11 +314,19 @@ HeldParam = tuple[int, str, float, BaseDistribution]
 """A param write Optuna asked for, checked: (trial id, name, internal value, distribution)."""
 
 
+PlainReader = Callable[[RDBStorage, Callable[[sa.Connection], Any]], Any]
+"""Runs a read of plain rows (a function of a connection) in a read-only transaction of its
+own, and returns what it returns; any database error as Optuna's StorageInternalError."""
+
+
 def rdb_storage_reading(
-    read: TrialReader, read_one: Callable[[RDBStorage, int], FrozenTrial]
-) -> type[RDBStorage]:
+    read: TrialReader, read_one: Callable[[RDBStorage, int], FrozenTrial], plain: PlainReader
+) -> Callable[..., RDBStorage]:
     """An RDBStorage subclass whose every trial read (its cache's too) goes through ``read``,
-    whose read of one trial by its id goes through ``read_one``, whose param writes are held
+    whose read of one trial by its id goes through ``read_one``, whose reads of a study's
+    id, directions and attributes and of the schema's revision are plain rows read through
+    ``plain`` (not Optuna's ORM, whose first query costs a tenth of a read command), whose
+    param writes are held
     while ``held`` is a list (see :func:`params_held`), and which writes a trial's outcome
     attributes in the transaction that ends it (see :func:`attrs_with_end`)."""
 
@@ -297,6 +335,56 @@ def rdb_storage_reading(
         ending: tuple[int, dict[str, Any]] | None = None
         settled = False
         created: FrozenTrial | None = None
+
+        def __init__(
+            self,
+            url: str,
+            engine_kwargs: dict[str, Any] | None = None,
+            *,
+            reader: bool = False,
+            skip_table_creation: bool = False,
+            heartbeat_interval: int | None = None,
+            grace_period: int | None = None,
+            heartbeat_stale_trial_callback: Callable[..., None] | None = None,
+            **options: Any,
+        ) -> None:
+            """With ``reader``, open an existing storage to read it (no table is created): its
+            schema is checked by its revision, and Optuna's schema manager, which imports
+            alembic and loads every migration script (a third of a read command), is made only
+            if something asks for it."""
+            settings: dict[str, Any] = dict(
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=heartbeat_stale_trial_callback,
+            )
+            if not reader:
+                settings["skip_table_creation"] = skip_table_creation
+                super().__init__(url, engine_kwargs, **settings, **options)
+                return
+            if options:
+                raise TypeError(f"a reader takes no {', '.join(options)}")
+            # What Optuna's constructor sets, but for the schema manager (see __getattr__).
+            self.engine_kwargs = dict(engine_kwargs or {})
+            self.url = self._fill_storage_url_template(url)
+            self.skip_compatibility_check = False
+            self.heartbeat_interval = heartbeat_interval
+            self.grace_period = grace_period
+            self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
+            self.failed_trial_callback = heartbeat_stale_trial_callback
+            self._set_default_engine_kwargs_for_mysql(url, self.engine_kwargs)
+            self.engine = sa.create_engine(self.url, **self.engine_kwargs)
+            self.scoped_session = sa.orm.scoped_session(sa.orm.sessionmaker(bind=self.engine))
+            if self.get_current_version() != self.get_head_version():
+                self._version_manager.check_table_schema_compatibility()  # Optuna's message
+
+        def __getattr__(self, name: str) -> Any:
+            # A reader's schema manager, made when first asked for.
+            if name != "_version_manager" or "engine" not in self.__dict__:
+                raise AttributeError(name)
+            manager = self._version_manager = _VersionManager(
+                self.url, self.engine, self.scoped_session
+            )
+            return manager
 
         def _create_new_trial(
             self, study_id: int, template_trial: FrozenTrial | None = None
@@ -367,8 +455,81 @@ def rdb_storage_reading(
             # schema check: the same answer for every storage of this process.
             head = _HEAD_VERSION.get("head")
             if head is None:
-                head = _HEAD_VERSION["head"] = super().get_head_version()
+                head = newest_schema_revision() or super().get_head_version()
+                _HEAD_VERSION["head"] = head
             return head
+
+        def get_current_version(self) -> str:
+            table = sa.table("alembic_version", sa.column("version_num"))
+            try:
+                found = plain(self, lambda c: c.execute(sa.select(table.c.version_num)).all())
+            except optuna.exceptions.StorageInternalError:  # no such table: Optuna says why
+                found = []
+            return str(found[0][0]) if len(found) == 1 else super().get_current_version()
+
+        def get_study_id_from_name(self, study_name: str) -> int:
+            studies = models.StudyModel.__table__
+            named = sa.select(studies.c.study_id).where(studies.c.study_name == study_name)
+            found = plain(self, lambda connection: connection.execute(named).scalar())
+            if found is None:
+                raise KeyError(models.NOT_FOUND_MSG)
+            return int(found)
+
+        def get_study_directions(self, study_id: int) -> list[StudyDirection]:
+            rows = self._of_study(study_id, models.StudyDirectionModel, "objective", "direction")
+            return [StudyDirection(direction) for _, direction in sorted(rows)]
+
+        def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+            rows = self._of_study(study_id, models.StudyUserAttributeModel, "key", "value_json")
+            return {key: json.loads(text) for key, text in rows}
+
+        def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+            rows = self._of_study(study_id, models.StudySystemAttributeModel, "key", "value_json")
+            return {key: json.loads(text) for key, text in rows}
+
+        def _get_best_trial_id(self, study_id: int, direction: StudyDirection) -> int:
+            # Optuna's query (its cache calls this), as plain rows.
+            trials = models.TrialModel.__table__
+            values = models.TrialValueModel.__table__
+            kinds = models.TrialValueModel.TrialValueType
+            kind = values.c.value_type
+            rank = sa.case((kind == kinds.INF_NEG, -1), (kind == kinds.FINITE, 0), else_=1)
+            order = sa.desc if direction == StudyDirection.MAXIMIZE else sa.asc
+            best = (
+                sa.select(trials.c.trial_id)
+                .join(values, values.c.trial_id == trials.c.trial_id)
+                .where(
+                    trials.c.study_id == study_id,
+                    trials.c.state == TrialState.COMPLETE,
+                    values.c.objective == 0,
+                )
+                .order_by(order(rank), order(values.c.value))
+                .limit(1)
+            )
+            found = plain(self, lambda connection: connection.execute(best).scalar())
+            if found is None:
+                raise ValueError(models.NOT_FOUND_MSG)
+            return int(found)
+
+        def _of_study(self, study_id: int, model: Any, *columns: str) -> list[Any]:
+            """The rows of ``model``'s table (a study's child) of study ``study_id``, in the
+            order they were written; KeyError, as Optuna's, when there is no such study."""
+            studies = models.StudyModel.__table__
+            table = model.__table__
+            exists = sa.select(studies.c.study_id).where(studies.c.study_id == study_id)
+            rows = (
+                sa.select(*(table.c[name] for name in columns))
+                .where(table.c.study_id == study_id)
+                .order_by(table.primary_key.columns.values()[0])
+            )
+
+            def read(connection: sa.Connection) -> list[Any]:
+                if connection.execute(exists).first() is None:
+                    raise KeyError(models.NOT_FOUND_MSG)
+                return list(connection.execute(rows).all())
+
+            found: list[Any] = plain(self, read)
+            return found
 
         def get_trial(self, trial_id: int) -> FrozenTrial:
             created, self.created = self.created, None
@@ -493,8 +654,19 @@ def _check() -> None:
     ):
         if not callable(getattr(optuna.storages.RDBStorage, name, None)):
             problems.append(f"RDBStorage.{name} is gone")
-    if not callable(getattr(optuna.storages.RDBStorage, "_get_stale_trial_ids", None)):
-        problems.append("RDBStorage._get_stale_trial_ids is gone")
+    for name in (
+        "_get_stale_trial_ids",
+        "_get_best_trial_id",
+        "_fill_storage_url_template",
+        "_set_default_engine_kwargs_for_mysql",
+    ):
+        if not callable(getattr(optuna.storages.RDBStorage, name, None)):
+            problems.append(f"RDBStorage.{name} is gone")
+    constructor = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+    if not {"heartbeat_interval", "grace_period", "heartbeat_stale_trial_callback"} <= set(
+        constructor
+    ):
+        problems.append("RDBStorage's constructor changed")
     for model, name in (
         (models.TrialValueModel, "stored_repr_to_value"),
         (models.TrialIntermediateValueModel, "stored_repr_to_intermediate_value"),

@@ -171,6 +171,7 @@ def open_storage(
             storage = FastRDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
+                reader=read_only,  # without Optuna's schema manager (see FastRDBStorage)
                 skip_table_creation=not create,
                 heartbeat_interval=HEARTBEAT_INTERVAL,
                 grace_period=GRACE_PERIOD,

@@ -64,6 +64,13 @@ def study_user_attr(study: optuna.Study, key: str) -> Any:
     return None if found is None else json.loads(found)
 
 
+def stored_study_names(storage: RDBStorage) -> list[str]:
+    """The names of every study in ``storage``, oldest first, read as plain rows."""
+    table = models.StudyModel.__table__
+    named = sa.select(table.c.study_name).order_by(table.c.study_id)
+    return _connected(storage, lambda connection: list(connection.execute(named).scalars()))
+
+
 @functools.cache
 def _study_attr() -> sa.Select[Any]:
     table = models.StudyUserAttributeModel.__table__
@@ -161,7 +168,7 @@ def _trial(storage: RDBStorage, trial_id: int) -> FrozenTrial:
     return found[0]
 
 
-FastRDBStorage = rdb_storage_reading(_trials_where, _trial)
+FastRDBStorage = rdb_storage_reading(_trials_where, _trial, _connected)
 """Optuna's RDB storage, reading trials as plain rows (Optuna's cache reads through it)."""
 
 

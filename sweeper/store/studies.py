@@ -13,6 +13,7 @@ from sweeper.errors import ConfigError, StorageError
 from sweeper.space import SearchSpace, parse_space
 from sweeper.store.claims import claim_lock
 from sweeper.store.open import check_database, open_storage, sqlite_path
+from sweeper.store.rows import stored_study_names
 
 SPACE_ATTR = "sweeper:search_space"
 METRIC_ATTR = "sweeper:metric"
@@ -99,7 +100,7 @@ def study_names(url: str) -> list[str]:
         return []
     storage = open_storage(url, read_only=True)
     try:
-        return list(optuna.get_all_study_names(storage))
+        return stored_study_names(storage)
     finally:
         storage.engine.dispose()
 
