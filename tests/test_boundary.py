@@ -19,6 +19,10 @@ PRIVATE_OPTUNA = {
     "_get_stale_trial_ids",
     "_sample_relative_impl",
     "_cached_frozen_trial",
+    "_get_best_trial_id",
+    "_version_manager",
+    "_fill_storage_url_template",
+    "_set_default_engine_kwargs_for_mysql",
 }
 """The private Optuna attributes sweeper relies on (see sweeper/store/_compat.py)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
@@ -38,6 +39,10 @@ def fill(url: str) -> None:
     down = optuna.create_study(study_name="down", storage=storage, direction="minimize")
     for value in (0.5, -math.inf, 0.1):
         down.add_trial(optuna.trial.create_trial(value=value))
+    for name, direction in (("finite up", "maximize"), ("finite down", "minimize")):
+        finite = optuna.create_study(study_name=name, storage=storage, direction=direction)
+        for value in (0.5, 0.9, 0.1, 0.7):
+            finite.add_trial(optuna.trial.create_trial(value=value))
     both = optuna.create_study(
         study_name="both", storage=storage, directions=["minimize", "maximize"]
     )
@@ -49,7 +54,7 @@ def fill(url: str) -> None:
 def reads(storage: Any) -> dict[str, Any]:
     """What Optuna's study-level reads give on ``storage``, errors named."""
     found: dict[str, Any] = {}
-    for name in ("up", "down", "both", "empty", "missing"):
+    for name in ("up", "down", "finite up", "finite down", "both", "empty", "missing"):
         try:
             study_id = storage.get_study_id_from_name(name)
         except KeyError:
@@ -69,7 +74,12 @@ def reads(storage: Any) -> dict[str, Any]:
         with pytest.raises(KeyError):
             getattr(storage, method)(999)
     found["names"] = optuna.get_all_study_names(storage)
-    for name in ("up", "down", "both"):  # as a study sees them (through Optuna's cache)
+    for name in (
+        "up",
+        "down",
+        "finite down",
+        "both",
+    ):  # as a study sees them (through Optuna's cache)
         seen = optuna.load_study(study_name=name, storage=storage)
         best = seen.best_trials[0] if len(seen.directions) > 1 else seen.best_trial
         found[f"study {name}"] = [seen.directions, seen.user_attrs, best]
@@ -88,8 +98,11 @@ def test_a_sweeper_storage_reads_what_optunas_own_reads(
     assert expected["up"][3] == (3, [math.inf])  # the fill is what the test means
     assert expected["down"][3] == (1, [-math.inf])
     assert expected["both"][0] == [StudyDirection.MINIMIZE, StudyDirection.MAXIMIZE]
+    assert expected["finite up"][3] == (1, [0.9])
+    assert expected["finite down"][3] == (2, [0.1])
     assert expected["empty"][3] == "ValueError"
-    assert study_names(url) == expected["names"] == ["up", "down", "both", "empty"]
+    names = ["up", "down", "finite up", "finite down", "both", "empty"]
+    assert study_names(url) == expected["names"] == names
     for read_only in (True, False):
         storage = open_storage(url, read_only=read_only)
         assert reads(storage) == expected, read_only
@@ -107,6 +120,18 @@ def test_a_reader_holds_what_optunas_storage_holds(tmp_path: Path) -> None:
     reader = open_storage(url, read_only=True)
     assert reader.get_all_versions()  # made on demand: the schema manager Optuna's has
     assert set(vars(RDBStorage(url))) <= set(vars(reader))
+    again = copy.deepcopy(open_storage(url, read_only=True))  # as Optuna copies a storage
+    assert again.get_study_id_from_name("down") == 2
+
+
+def test_a_reader_refuses_a_heartbeat_optuna_refuses(tmp_path: Path) -> None:
+    from sweeper.store.rows import FastRDBStorage
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    fill(url)
+    for setting in ("heartbeat_interval", "grace_period"):
+        with pytest.raises(ValueError, match=setting):
+            FastRDBStorage(url, reader=True, **{setting: 0})
 
 
 def test_a_reader_checks_an_unreadable_chain_of_migrations_with_optuna(
@@ -133,7 +158,8 @@ def test_a_reader_checks_an_unreadable_chain_of_migrations_with_optuna(
 
 def test_a_read_command_opens_its_storage_without_alembic(tmp_path: Path) -> None:
     """Alembic, which Optuna's storage imports to check its schema, was a third of a read
-    command's second (a fresh Python, as a user runs it)."""
+    command's second; the newest schema revision is read once a process (a fresh Python, as
+    a user runs it)."""
     from sweeper.config import load_config
     from sweeper.store import create_or_resume
 
@@ -144,13 +170,20 @@ def test_a_read_command_opens_its_storage_without_alembic(tmp_path: Path) -> Non
 import sys
 from typer.testing import CliRunner
 from sweeper.cli import app
+from sweeper.store import _compat
+named = []
+newest = _compat.newest_schema_revision
+def counted():
+    named.append(None)
+    return newest()
+_compat.newest_schema_revision = counted
 for command in ("status", "best", "trials", "history"):
     result = CliRunner().invoke(app, [command, {str(path)!r}])
     assert result.exit_code == 0, (command, result.output)
-print(sorted(m for m in sys.modules if m.split(".")[0] == "alembic"))
+print(sorted(m for m in sys.modules if m.split(".")[0] == "alembic"), len(named))
 """
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert done.stdout.strip() == "[] 1"  # no alembic; the migration scripts read once

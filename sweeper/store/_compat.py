@@ -32,7 +32,7 @@ from optuna.distributions import (
 )
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._rdb import models
-from optuna.storages._rdb.storage import _create_scoped_session, _VersionManager
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
@@ -363,6 +363,12 @@ def rdb_storage_reading(
                 return
             if options:
                 raise TypeError(f"a reader takes no {', '.join(options)}")
+            for name, seconds in (
+                ("heartbeat_interval", heartbeat_interval),
+                ("grace_period", grace_period),
+            ):
+                if seconds is not None and seconds <= 0:  # as Optuna's constructor refuses it
+                    raise ValueError(f"The value of `{name}` should be a positive integer.")
             # What Optuna's constructor sets, but for the schema manager (see __getattr__).
             self.engine_kwargs = dict(engine_kwargs or {})
             self.url = self._fill_storage_url_template(url)
@@ -381,10 +387,16 @@ def rdb_storage_reading(
             # A reader's schema manager, made when first asked for.
             if name != "_version_manager" or "engine" not in self.__dict__:
                 raise AttributeError(name)
+            from optuna.storages._rdb.storage import _VersionManager
+
             manager = self._version_manager = _VersionManager(
                 self.url, self.engine, self.scoped_session
             )
             return manager
+
+        def __getstate__(self) -> dict[Any, Any]:
+            _ = self._version_manager  # made first: Optuna's copy of a storage drops it
+            return super().__getstate__()
 
         def _create_new_trial(
             self, study_id: int, template_trial: FrozenTrial | None = None
@@ -626,6 +638,9 @@ def _check() -> None:
         models.TrialUserAttributeModel: {"trial_id", "key", "value_json"},
         models.TrialSystemAttributeModel: {"trial_id", "key", "value_json"},
         models.StudyUserAttributeModel: {"study_id", "key", "value_json"},
+        models.StudySystemAttributeModel: {"study_id", "key", "value_json"},
+        models.StudyModel: {"study_id", "study_name"},
+        models.StudyDirectionModel: {"study_id", "objective", "direction"},
     }
     for model, columns in expected.items():
         missing = columns - set(model.__table__.columns.keys())
@@ -667,6 +682,11 @@ def _check() -> None:
         constructor
     ):
         problems.append("RDBStorage's constructor changed")
+    kinds = getattr(models.TrialValueModel, "TrialValueType", None)
+    if kinds is None or {kind.name for kind in kinds} != {"INF_NEG", "FINITE", "INF_POS"}:
+        problems.append("TrialValueModel.TrialValueType changed")
+    if not callable(getattr(optuna.storages._rdb.storage, "_VersionManager", None)):
+        problems.append("optuna.storages._rdb.storage._VersionManager is gone")
     for model, name in (
         (models.TrialValueModel, "stored_repr_to_value"),
         (models.TrialIntermediateValueModel, "stored_repr_to_intermediate_value"),
