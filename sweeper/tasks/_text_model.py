@@ -219,7 +219,12 @@ class TextClassifier(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         from transformers import get_linear_schedule_with_warmup
 
-        optimizer = torch.optim.AdamW(self.parameter_groups())
+        groups = self.parameter_groups()
+        devices = {parameter.device.type for group in groups for parameter in group["params"]}
+        # PyTorch's fused AdamW makes the same update in one kernel, not a loop over the
+        # parameters: on the CPU the loop took a quarter of a MiniLM training step.
+        fused = True if devices <= {"cpu", "cuda"} else None
+        optimizer = torch.optim.AdamW(groups, fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(float(self.params["warmup_ratio"]) * total)
         schedule = get_linear_schedule_with_warmup(optimizer, warmup, total)
