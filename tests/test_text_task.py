@@ -107,12 +107,14 @@ class Record(pl.Callback):
         self.losses: list[float] = []
         self.metrics: list[dict[str, float]] = []
         self.with_grad: set[int] = set()
+        self.widths: set[int] = set()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.with_grad |= {id(p) for p in pl_module.parameters() if p.grad is not None}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
+        self.widths.add(batch[0].shape[1])
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
@@ -156,6 +158,27 @@ def test_loss_falls_and_metrics_are_logged(study_dir: StudyDir, model_dir: Path)
         assert name in final, name
     assert final["val_f1"] > 0.8
     assert module.model.training, "dropout must be on while training"
+
+
+def test_a_batch_loses_the_padding_no_row_uses_and_trains_the_same(
+    study_dir: StudyDir, model_dir: Path
+) -> None:
+    """The model's compute grows with a batch's columns: a batch is cut to its longest row
+    (here 6 tokens of max_length 16), and trains as the padded batch does."""
+    records = []
+    for cut in (True, False):
+        torch.manual_seed(0)
+        params = {"batch_size": 16, "dropout": 0.0}  # dropout draws per column
+        module, data = build(study_dir, model_dir, params, max_length=16)
+        if not cut:
+            data.on_before_batch_transfer = lambda batch, dataloader_idx: batch
+        records.append(fit(module, data, epochs=2))
+    cut_record, padded = records
+    assert cut_record.widths == {6} and padded.widths == {16}
+    assert cut_record.losses == pytest.approx(padded.losses, abs=1e-5)
+    assert len(cut_record.metrics) == len(padded.metrics) == 2
+    for seen, expected in zip(cut_record.metrics, padded.metrics, strict=True):
+        assert seen == pytest.approx(expected, abs=1e-5)
 
 
 def test_freezing_freezes_embeddings_and_bottom_layers(
