@@ -666,10 +666,6 @@ def _check() -> None:
         "_set_trial_param_without_commit",
         "_create_new_trial",
         "_get_prepared_new_trial",
-    ):
-        if not callable(getattr(optuna.storages.RDBStorage, name, None)):
-            problems.append(f"RDBStorage.{name} is gone")
-    for name in (
         "_get_stale_trial_ids",
         "_get_best_trial_id",
         "_fill_storage_url_template",
