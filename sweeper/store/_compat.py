@@ -324,11 +324,12 @@ def rdb_storage_reading(
 ) -> Callable[..., RDBStorage]:
     """An RDBStorage subclass whose every trial read (its cache's too) goes through ``read``,
     whose read of one trial by its id goes through ``read_one``, whose reads of a study's
-    id, directions and attributes and of the schema's revision are plain rows read through
-    ``plain`` (not Optuna's ORM, whose first query costs a tenth of a read command), whose
-    param writes are held
-    while ``held`` is a list (see :func:`params_held`), and which writes a trial's outcome
-    attributes in the transaction that ends it (see :func:`attrs_with_end`)."""
+    id, directions, attributes and best trial and of the schema's revision are plain rows
+    read through ``plain`` (not Optuna's ORM, whose first query costs a tenth of a read
+    command), whose param writes are held while ``held`` is a list (see
+    :func:`params_held`), and which writes a trial's outcome attributes in the transaction
+    that ends it (see :func:`attrs_with_end`). It can open a storage as a reader (see its
+    constructor)."""
 
     class Storage(RDBStorage):
         held: list[HeldParam] | None = None
