@@ -4,7 +4,8 @@ Optuna's public API has no way to name a trial's storage id, reach the
 storage under a study's cache, read trials as plain rows (also in place of
 its storage's own trial reads, which its cache goes through), write several
 attributes of a trial in one transaction, list the trials whose heartbeat
-went silent, or show its GP sampler more trials than the complete ones.
+went silent, open a storage to read it without loading alembic, or show its
+GP sampler more trials than the complete ones.
 Those few accesses live here, and this module checks at import that they
 still exist, so an Optuna release that moves them fails with one clear
 message instead of deep inside a sweep.
