@@ -354,14 +354,16 @@ def rdb_storage_reading(
             schema is checked by its revision, and Optuna's schema manager, which imports
             alembic and loads every migration script (a third of a read command), is made only
             if something asks for it."""
-            settings: dict[str, Any] = dict(
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=heartbeat_stale_trial_callback,
-            )
             if not reader:
-                settings["skip_table_creation"] = skip_table_creation
-                super().__init__(url, engine_kwargs, **settings, **options)
+                super().__init__(
+                    url,
+                    engine_kwargs,
+                    skip_table_creation=skip_table_creation,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=heartbeat_stale_trial_callback,
+                    **options,
+                )
                 return
             if options:
                 raise TypeError(f"a reader takes no {', '.join(options)}")
